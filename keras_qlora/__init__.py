@@ -1,0 +1,1 @@
+"""keras_qlora: QLoRA fine-tuning for Keras 3 on TensorFlow."""

@@ -1,0 +1,97 @@
+"""Code tables shared by the quantizers: NF4 values and the 8-bit dynamic map.
+
+Both tables are bit-identical to the ones bitsandbytes uses, so that states we
+write can be dequantized by bitsandbytes and vice versa.
+"""
+
+import functools
+
+import numpy as np
+
+# The 16 NormalFloat-4 values (QLoRA, Dettmers et al. 2023): quantiles of a
+# standard normal, rescaled to [-1, 1], with an exact zero. The literals are
+# the float32 values bitsandbytes ships; index i is the 4-bit code i.
+NF4_CODE = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=np.float32,
+)
+NF4_CODE.setflags(write=False)
+
+# Decision boundaries between neighbouring codes, computed in float32 exactly
+# as bitsandbytes does, so that rounding matches element for element.
+NF4_MIDPOINTS = ((NF4_CODE[:-1] + NF4_CODE[1:]) / np.float32(2)).astype(
+    np.float32
+)
+NF4_MIDPOINTS.setflags(write=False)
+
+# Index of the code 0.0: what padding nibbles and all-zero blocks hold.
+NF4_ZERO_INDEX = 7
+
+
+def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """A float32 linspace with the same rounding as torch's CPU kernel.
+
+    torch fills the first half forwards from `start` and the second half
+    backwards from `end`, each element one fused multiply-add rounded once to
+    float32. The float64 products of float32 operands are exact, so computing
+    in float64 and rounding at the end reproduces it; numpy's own linspace
+    differs in the last bit, which would change the dynamic map.
+    """
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(steps - 1))
+    idx = np.arange(steps, dtype=np.float64)
+    forward = np.float64(start32) + step * idx
+    backward = np.float64(end32) - step * (steps - 1 - idx)
+    return np.where(idx < steps // 2, forward, backward).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map() -> np.ndarray:
+    parts = []
+    # Signed 8-bit dynamic type: for exponent e = 0..6 the fraction gets 2**e
+    # evenly spaced levels (midpoints of a linspace over [0.1, 1]) scaled by
+    # 10**(e - 6); mirrored for negatives, plus 0 and 1.
+    for e in range(7):
+        bounds = _linspace_f32(0.1, 1.0, 2**e + 1)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2)
+        scale = np.float32(10.0 ** (e - 6))
+        parts.append(means * scale)
+        parts.append(means * -scale)
+    parts.append(np.array([0.0, 1.0], dtype=np.float32))
+    table = np.sort(np.concatenate(parts).astype(np.float32))
+    table.setflags(write=False)
+    return table
+
+
+def dynamic_map() -> np.ndarray:
+    """Returns the 256-entry signed dynamic 8-bit map used for double quant.
+
+    Returns:
+        A read-only sorted float32 array of 256 values in [-1, 1].
+    """
+    return _dynamic_map()
+
+
+@functools.lru_cache(maxsize=None)
+def dynamic_map_midpoints() -> np.ndarray:
+    table = _dynamic_map()
+    mids = ((table[:-1] + table[1:]) / np.float32(2)).astype(np.float32)
+    mids.setflags(write=False)
+    return mids

@@ -1,0 +1,196 @@
+"""`NF4State`: the packed 4-bit weight and its quantization metadata.
+
+One object carries everything needed to dequantize a kernel; it round-trips
+to a plain dict of numpy arrays and Python scalars (`to_dict` / `from_dict`).
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import numpy as np
+
+from keras_qlora.quantizers import codes
+
+ALLOWED_BLOCK_SIZES = (32, 64, 128, 256)
+# Double quantization quantizes the per-block absmax values in blocks of 256.
+NESTED_BLOCK_SIZE = 256
+
+
+def check_block_size(block_size: Any, name: str = "block_size") -> int:
+    """Returns `block_size` as an int, or raises a ValueError naming it."""
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, (int, np.integer))
+        or int(block_size) not in ALLOWED_BLOCK_SIZES
+    ):
+        raise ValueError(
+            f"{name} must be one of {ALLOWED_BLOCK_SIZES}. "
+            f"Received: {name}={block_size!r}"
+        )
+    return int(block_size)
+
+
+def num_blocks(num_elements: int, block_size: int) -> int:
+    """Number of quantization blocks (the last one may be partial)."""
+    return -(-num_elements // block_size)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NF4State:
+    """A kernel quantized to NormalFloat-4.
+
+    The logical kernel is the Keras layout `[K, N]` (inputs, outputs). The
+    bytes follow bitsandbytes: the transposed matrix `[N, K]` is flattened
+    row-major, cut into blocks of `block_size`, and each element is stored as
+    a 4-bit index into `codes.NF4_CODE`, two per byte, first element in the
+    high nibble.
+
+    Attributes:
+        packed: uint8 array of `ceil(K * N / 2)` bytes.
+        absmax: per-block scales. float32 when `double_quant` is off; uint8
+            codes into `codes.dynamic_map()` when it is on.
+        shape: the logical kernel shape `(K, N)`.
+        block_size: elements per block, one of 32, 64, 128, 256.
+        absmax_scale: float32 scale per 256 blocks (double quant only).
+        absmax_offset: float32 offset added back to every block scale
+            (double quant only).
+    """
+
+    packed: np.ndarray
+    absmax: np.ndarray
+    shape: tuple
+    block_size: int = 64
+    absmax_scale: Optional[np.ndarray] = None
+    absmax_offset: Optional[float] = None
+
+    def __post_init__(self):
+        shape = tuple(int(d) for d in self.shape)
+        if len(shape) != 2 or min(shape) <= 0:
+            raise ValueError(
+                "NF4State shape must be two positive sizes (K, N). "
+                f"Received: shape={self.shape!r}"
+            )
+        object.__setattr__(self, "shape", shape)
+        block_size = check_block_size(self.block_size)
+        n = shape[0] * shape[1]
+        blocks = num_blocks(n, block_size)
+        _check_array("packed", self.packed, np.uint8, ((n + 1) // 2,))
+        if (self.absmax_scale is None) != (self.absmax_offset is None):
+            raise ValueError(
+                "NF4State needs both absmax_scale and absmax_offset for "
+                "double quantization, or neither. Received: "
+                f"absmax_scale={_describe(self.absmax_scale)}, "
+                f"absmax_offset={self.absmax_offset!r}"
+            )
+        if self.absmax_scale is None:
+            _check_array("absmax", self.absmax, np.float32, (blocks,))
+        else:
+            _check_array("absmax", self.absmax, np.uint8, (blocks,))
+            nested = num_blocks(blocks, NESTED_BLOCK_SIZE)
+            _check_array(
+                "absmax_scale", self.absmax_scale, np.float32, (nested,)
+            )
+            object.__setattr__(
+                self, "absmax_offset", float(np.float32(self.absmax_offset))
+            )
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax_scale is not None
+
+    @property
+    def num_elements(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def num_blocks(self) -> int:
+        return num_blocks(self.num_elements, self.block_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage: packed indices plus all scale metadata."""
+        total = self.packed.nbytes + self.absmax.nbytes
+        if self.double_quant:
+            total += self.absmax_scale.nbytes + 4
+        return total
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.num_elements
+
+    def block_absmax(self) -> np.ndarray:
+        """The float32 scale of every block, after undoing double quant."""
+        if not self.double_quant:
+            return self.absmax
+        return dequantize_absmax(
+            self.absmax, self.absmax_scale, self.absmax_offset
+        )
+
+    def to_dict(self) -> dict:
+        """Returns the state as numpy arrays and Python scalars."""
+        out = {
+            "packed": self.packed,
+            "absmax": self.absmax,
+            "shape": list(self.shape),
+            "block_size": self.block_size,
+        }
+        if self.double_quant:
+            out["absmax_scale"] = self.absmax_scale
+            out["absmax_offset"] = self.absmax_offset
+        return out
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "NF4State":
+        """Rebuilds a state from `to_dict()` output; validates every field."""
+        if not isinstance(config, dict):
+            raise TypeError(
+                f"NF4State.from_dict expects a dict. Received: {type(config)}"
+            )
+        missing = {"packed", "absmax", "shape"} - set(config)
+        if missing:
+            raise ValueError(
+                f"NF4State.from_dict is missing keys {sorted(missing)}. "
+                f"Received keys: {sorted(config)}"
+            )
+        return cls(
+            packed=np.asarray(config["packed"]),
+            absmax=np.asarray(config["absmax"]),
+            shape=tuple(config["shape"]),
+            block_size=config.get("block_size", 64),
+            absmax_scale=(
+                None
+                if config.get("absmax_scale") is None
+                else np.asarray(config["absmax_scale"])
+            ),
+            absmax_offset=config.get("absmax_offset"),
+        )
+
+
+def dequantize_absmax(
+    codes_u8: np.ndarray, scale: np.ndarray, offset: float
+) -> np.ndarray:
+    """Undoes double quantization: `code2[q] * scale[i // 256] + offset`."""
+    table = codes.dynamic_map()
+    per_block = np.repeat(scale, NESTED_BLOCK_SIZE)[: codes_u8.shape[0]]
+    return (table[codes_u8] * per_block + np.float32(offset)).astype(
+        np.float32
+    )
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "None"
+    arr = np.asarray(value)
+    return f"array(shape={arr.shape}, dtype={arr.dtype})"
+
+
+def _check_array(name, value, dtype, shape):
+    if not isinstance(value, np.ndarray):
+        raise TypeError(
+            f"NF4State.{name} must be a numpy array. Received: {type(value)}"
+        )
+    if value.dtype != dtype or value.shape != shape:
+        raise ValueError(
+            f"NF4State.{name} must have dtype {np.dtype(dtype).name} and "
+            f"shape {shape}. Received: {_describe(value)}"
+        )
