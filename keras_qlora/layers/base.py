@@ -1,0 +1,344 @@
+"""`QLoRALayerBase`: NF4 weight variables + LoRA adapter, shared by layers.
+
+A subclass reduces its product to `x2d [M, K] @ W [K, N]`, calls
+`_build_qlora(K, N)` in `build` and `_qlora_matmul(x2d)` in `call`; this
+class owns the frozen NF4 variables, the float32 LoRA pair, their
+serialization and the `NF4State` accessors.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_qlora import ops as qops
+from keras_qlora.quantizers import NF4State
+from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
+from keras_qlora.quantizers.state import check_block_size
+from keras_qlora.quantizers.state import num_blocks
+
+
+class QLoRALayerBase(keras.layers.Layer):
+    """Base of `QLoRADense` / `QLoRAEinsumDense`; not used directly.
+
+    Args:
+        rank: LoRA rank, a positive int, or None for a frozen NF4 layer
+            with no adapter.
+        lora_alpha: LoRA scaling numerator; scale is `alpha / rank`
+            (`alpha / sqrt(rank)` with `use_rslora`).
+        lora_dropout: dropout rate on the adapter's input, in [0, 1).
+        use_rslora: rank-stabilized scaling.
+        block_size: NF4 block size (32, 64, 128, 256).
+        double_quant: whether block scales are 8-bit (double quantized).
+    """
+
+    def __init__(
+        self,
+        rank=None,
+        lora_alpha=16.0,
+        lora_dropout=0.0,
+        use_rslora=False,
+        block_size=64,
+        double_quant=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.rank = _check_rank(rank, self.name)
+        self.lora_alpha = _check_number(lora_alpha, "lora_alpha", self.name)
+        self.lora_dropout = _check_number(
+            lora_dropout, "lora_dropout", self.name
+        )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(
+                f"Layer '{self.name}': lora_dropout must be in [0, 1). "
+                f"Received: lora_dropout={lora_dropout}"
+            )
+        self.use_rslora = bool(use_rslora)
+        self.block_size = check_block_size(block_size)
+        self.double_quant = bool(double_quant)
+        self.lora_enabled = True
+        # The custom TF op cannot be compiled by XLA.
+        self.supports_jit = False
+        self._lora_drop = (
+            keras.layers.Dropout(self.lora_dropout, name="lora_dropout")
+            if self.lora_dropout > 0
+            else None
+        )
+
+    # -- build helpers -----------------------------------------------------
+
+    def _build_qlora(self, k, n):
+        if self.rank is not None and self.rank > min(k, n):
+            raise ValueError(
+                f"Layer '{self.name}': rank must be <= min(K, N) = "
+                f"{min(k, n)} for a [{k}, {n}] kernel. "
+                f"Received: rank={self.rank}"
+            )
+        self.kernel_2d_shape = (int(k), int(n))
+        blocks = num_blocks(k * n, self.block_size)
+        self.nf4_packed = self.add_weight(
+            name="nf4_packed",
+            shape=((k * n + 1) // 2,),
+            dtype="uint8",
+            initializer="zeros",
+            trainable=False,
+        )
+        self.nf4_absmax = self.add_weight(
+            name="nf4_absmax",
+            shape=(blocks,),
+            dtype="uint8" if self.double_quant else "float32",
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
+        )
+        self.nf4_absmax_scale = self.nf4_absmax_offset = None
+        if self.double_quant:
+            self.nf4_absmax_scale = self.add_weight(
+                name="nf4_absmax_scale",
+                shape=(num_blocks(blocks, NESTED_BLOCK_SIZE),),
+                dtype="float32",
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+            )
+            self.nf4_absmax_offset = self.add_weight(
+                name="nf4_absmax_offset",
+                shape=(),
+                dtype="float32",
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+            )
+        self.lora_a = self.lora_b = None
+        if self.rank is not None:
+            # LoRA weights stay float32 under any policy so that small
+            # updates do not underflow; they are cast in `call`.
+            self.lora_a = self.add_weight(
+                name="lora_a",
+                shape=(k, self.rank),
+                dtype="float32",
+                # PEFT's kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(K)).
+                initializer=keras.initializers.VarianceScaling(
+                    scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
+                ),
+                trainable=True,
+                autocast=False,
+            )
+            self.lora_b = self.add_weight(
+                name="lora_b",
+                shape=(self.rank, n),
+                dtype="float32",
+                initializer="zeros",
+                trainable=True,
+                autocast=False,
+            )
+
+    # -- properties ----------------------------------------------------------
+
+    @property
+    def lora_scale(self) -> float:
+        """Multiplier of the LoRA product: alpha / r, or alpha / sqrt(r)."""
+        if self.rank is None:
+            return 0.0
+        denom = math.sqrt(self.rank) if self.use_rslora else self.rank
+        return self.lora_alpha / denom
+
+    @property
+    def has_lora(self) -> bool:
+        return self.rank is not None
+
+    # -- compute ------------------------------------------------------------
+
+    def _qlora_matmul(self, x, training=None):
+        """`x @ W_nf4 + scale * dropout(x) @ A @ B` on the last axis of x."""
+        y = qops.nf4_matmul(
+            x,
+            self.nf4_packed,
+            self.nf4_absmax,
+            self.nf4_absmax_scale,
+            self.nf4_absmax_offset,
+            self.kernel_2d_shape,
+            self.block_size,
+        )
+        if self.rank is None or not self.lora_enabled:
+            return y
+        h = x
+        if self._lora_drop is not None:
+            h = self._lora_drop(h, training=training)
+        a = ops.cast(self.lora_a, self.compute_dtype)
+        b = ops.cast(self.lora_b, self.compute_dtype)
+        delta = ops.matmul(ops.matmul(h, a), b)  # (M, K) @ (K, r) @ (r, N)
+        return y + ops.cast(self.lora_scale, self.compute_dtype) * delta
+
+    # -- NF4 state ------------------------------------------------------------
+
+    def nf4_state(self) -> NF4State:
+        """The layer's frozen weight as an `NF4State` (numpy copies)."""
+        self._require_built("nf4_state")
+        return NF4State(
+            packed=np.asarray(self.nf4_packed.numpy()),
+            absmax=np.asarray(self.nf4_absmax.numpy()),
+            shape=self.kernel_2d_shape,
+            block_size=self.block_size,
+            absmax_scale=(
+                None
+                if self.nf4_absmax_scale is None
+                else np.asarray(self.nf4_absmax_scale.numpy())
+            ),
+            absmax_offset=(
+                None
+                if self.nf4_absmax_offset is None
+                else float(self.nf4_absmax_offset.numpy())
+            ),
+        )
+
+    def set_nf4_state(self, state: NF4State):
+        """Loads an `NF4State` with this layer's shape and settings."""
+        self._require_built("set_nf4_state")
+        if not isinstance(state, NF4State):
+            raise TypeError(
+                f"Layer '{self.name}': set_nf4_state expects an NF4State. "
+                f"Received: {type(state)}"
+            )
+        want = (self.kernel_2d_shape, self.block_size, self.double_quant)
+        got = (state.shape, state.block_size, state.double_quant)
+        if want != got:
+            raise ValueError(
+                f"Layer '{self.name}' holds (shape, block_size, "
+                f"double_quant)={want}; the NF4State has {got}."
+            )
+        self.nf4_packed.assign(state.packed)
+        self.nf4_absmax.assign(state.absmax)
+        if state.double_quant:
+            self.nf4_absmax_scale.assign(state.absmax_scale)
+            self.nf4_absmax_offset.assign(np.float32(state.absmax_offset))
+
+    # -- serialization ------------------------------------------------------
+
+    def _variable_table(self):
+        """(name, variable) pairs that save and load both walk, in order."""
+        names = [
+            "nf4_packed",
+            "nf4_absmax",
+            "nf4_absmax_scale",
+            "nf4_absmax_offset",
+            "bias",
+            "lora_a",
+            "lora_b",
+        ]
+        table = [(n, getattr(self, n, None)) for n in names]
+        return [(n, v) for n, v in table if v is not None]
+
+    def save_own_variables(self, store):
+        if not self.built:
+            return
+        for name, variable in self._variable_table():
+            store[name] = variable.numpy()
+
+    def load_own_variables(self, store):
+        table = self._variable_table()
+        missing = [n for n, _ in table if n not in store]
+        if missing:
+            raise ValueError(
+                f"Layer '{self.name}' cannot load its weights: the file has "
+                f"no {missing}. It has {sorted(store.keys())}. Was it saved "
+                "with the same apply() settings?"
+            )
+        for name, variable in table:
+            value = np.asarray(store[name])
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"Layer '{self.name}': saved '{name}' has shape "
+                    f"{value.shape}, the layer expects {tuple(variable.shape)}."
+                )
+        for name, variable in table:
+            variable.assign(store[name])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "rank": self.rank,
+                "lora_alpha": self.lora_alpha,
+                "lora_dropout": self.lora_dropout,
+                "use_rslora": self.use_rslora,
+                "block_size": self.block_size,
+                "double_quant": self.double_quant,
+            }
+        )
+        return config
+
+    # -- private helpers ------------------------------------------------------
+
+    def _require_built(self, what):
+        if not self.built:
+            raise ValueError(
+                f"Layer '{self.name}' is not built yet; build it (or call it "
+                f"once) before {what}()."
+            )
+
+
+def check_source_kernel(layer, kernel):
+    """Validates the float kernel a QLoRA layer is made from; returns numpy."""
+    dtype = keras.backend.standardize_dtype(kernel.dtype)
+    if "float" not in dtype:
+        raise TypeError(
+            f"Layer '{layer.name}' has a {dtype} kernel; only float kernels "
+            "can be quantized to NF4 (is it already quantized?)."
+        )
+    value = np.asarray(ops.convert_to_numpy(ops.cast(kernel, "float32")))
+    bad = int(value.size - np.isfinite(value).sum())
+    if bad:
+        raise ValueError(
+            f"Layer '{layer.name}': its kernel has {bad} non-finite values "
+            "(NaN or Inf). Fix the weights before quantizing."
+        )
+    return value
+
+
+def check_source_layer(layer):
+    """Refuses layers Keras has already quantized or given a LoRA."""
+    if getattr(layer, "quantization_mode", None):
+        raise ValueError(
+            f"Layer '{layer.name}' is already quantized by Keras "
+            f"(mode={layer.quantization_mode!r}); keras_qlora needs the float "
+            "layer."
+        )
+    if getattr(layer, "lora_enabled", False):
+        raise ValueError(
+            f"Layer '{layer.name}' has Keras' own LoRA enabled; merge or drop "
+            "it before keras_qlora.apply()."
+        )
+    if not layer.built:
+        raise ValueError(
+            f"Layer '{layer.name}' is not built; build the model (call it on "
+            "data) before converting it."
+        )
+
+
+def _check_rank(rank, name):
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+        raise TypeError(
+            f"Layer '{name}': rank must be a positive int or None. "
+            f"Received: rank={rank!r}"
+        )
+    if rank <= 0:
+        raise ValueError(
+            f"Layer '{name}': rank must be a positive int or None. "
+            f"Received: rank={rank}"
+        )
+    return int(rank)
+
+
+def _check_number(value, arg, name):
+    if isinstance(value, bool) or not isinstance(
+        value, (int, float, np.number)
+    ):
+        raise TypeError(
+            f"Layer '{name}': {arg} must be a number. "
+            f"Received: {arg}={value!r}"
+        )
+    return float(value)

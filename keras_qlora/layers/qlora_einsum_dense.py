@@ -1,0 +1,141 @@
+"""`QLoRAEinsumDense`: an EinsumDense with a frozen NF4 kernel and LoRA."""
+
+import keras
+from keras import ops
+
+from keras_qlora.layers.base import QLoRALayerBase
+from keras_qlora.layers.base import check_source_kernel
+from keras_qlora.layers.base import check_source_layer
+from keras_qlora.layers.einsum_plan import plan_einsum
+from keras_qlora.quantizers import quantize_nf4
+
+
+@keras.saving.register_keras_serializable(package="keras_qlora")
+class QLoRAEinsumDense(QLoRALayerBase):
+    """`activation(einsum(equation, x, W_nf4) + bias + LoRA)`.
+
+    The equation must reduce to one matmul (see `einsum_plan`): the kernel
+    is permuted to `(contracted..., free...)` and stored as a 2-D NF4 matrix
+    `[K, N]`; LoRA `A` `[K, r]` and `B` `[r, N]` act in that 2-D view, so
+    the adapter has the same meaning as PEFT's on the equivalent Linear.
+
+    Args:
+        equation: an EinsumDense equation, e.g. `"abc,cde->abde"`.
+        kernel_shape: the kernel's shape, in the equation's order.
+        activation: as in `keras.layers.EinsumDense`.
+        bias_axes: output letters that carry a bias, or None.
+        **kwargs: LoRA / NF4 settings of `QLoRALayerBase` and base Layer
+            arguments.
+
+    Raises:
+        ValueError: an equation that does not reduce to a matmul, naming it.
+
+    Example:
+    >>> layer = QLoRAEinsumDense("abc,cde->abde", (64, 4, 16), rank=4)
+    >>> layer(ops.ones((2, 5, 64))).shape
+    (2, 5, 4, 16)
+    """
+
+    def __init__(
+        self,
+        equation,
+        kernel_shape,
+        activation=None,
+        bias_axes=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.plan = plan_einsum(equation, kernel_shape)
+        self.equation = equation
+        self.kernel_shape = tuple(int(d) for d in kernel_shape)
+        self.activation = keras.activations.get(activation)
+        self.bias_axes = bias_axes or None
+        # Validates bias_axes now rather than at build time.
+        self._bias_shape = self.plan.bias_shape(self.bias_axes)
+
+    def build(self, input_shape):
+        self._build_qlora(self.plan.k, self.plan.n)
+        self.bias = None
+        if self._bias_shape is not None:
+            self.bias = self.add_weight(
+                name="bias",
+                shape=self._bias_shape,
+                initializer="zeros",
+                trainable=False,
+            )
+
+    def call(self, inputs, training=None):
+        x2d, batch_shape = self.plan.input_to_2d(inputs)  # (M, K)
+        y2d = self._qlora_matmul(x2d, training=training)  # (M, N)
+        y = self.plan.output_from_2d(y2d, batch_shape)
+        if self.bias is not None:
+            y = y + ops.cast(self.bias, y.dtype)
+        return self.activation(y) if self.activation is not None else y
+
+    def compute_output_shape(self, input_shape):
+        return self.plan.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "equation": self.equation,
+                "kernel_shape": list(self.kernel_shape),
+                "activation": keras.activations.serialize(self.activation),
+                "bias_axes": self.bias_axes,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_layer(
+        cls,
+        layer,
+        rank=None,
+        lora_alpha=16.0,
+        lora_dropout=0.0,
+        use_rslora=False,
+        block_size=64,
+        double_quant=True,
+        scale_search=True,
+        quantize=True,
+    ):
+        """Builds a `QLoRAEinsumDense` from a built `keras.layers.EinsumDense`.
+
+        Same arguments and errors as `QLoRADense.from_layer`; additionally
+        raises ValueError, naming the equation, when it does not reduce to a
+        matmul.
+        """
+        if not isinstance(layer, keras.layers.EinsumDense):
+            raise TypeError(
+                "QLoRAEinsumDense.from_layer expects a "
+                "keras.layers.EinsumDense. Received: "
+                f"{type(layer).__name__} '{getattr(layer, 'name', '')}'"
+            )
+        check_source_layer(layer)
+        kernel = layer.kernel
+        plan = plan_einsum(layer.equation, kernel.shape)
+        value = check_source_kernel(layer, kernel) if quantize else None
+        new = cls(
+            equation=layer.equation,
+            kernel_shape=tuple(kernel.shape),
+            activation=layer.activation,
+            bias_axes=layer.bias_axes,
+            rank=rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            use_rslora=use_rslora,
+            block_size=block_size,
+            double_quant=double_quant,
+            name=layer.name,
+            dtype=layer.dtype_policy,
+        )
+        new.build(None)
+        if quantize:
+            kernel_2d = ops.convert_to_numpy(plan.kernel_to_2d(value))
+            new.set_nf4_state(
+                quantize_nf4(kernel_2d, block_size, double_quant, scale_search)
+            )
+            if new.bias is not None:
+                new.bias.assign(ops.reshape(layer.bias, new.bias.shape))
+        return new
