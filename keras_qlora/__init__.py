@@ -1,1 +1,32 @@
-"""keras_qlora: QLoRA fine-tuning for Keras 3 on TensorFlow."""
+"""keras_qlora: QLoRA fine-tuning for Keras 3 on TensorFlow.
+
+`model = keras_qlora.apply(model)` stores every linear layer as 4-bit
+NormalFloat (NF4, bitsandbytes-compatible) and adds trainable LoRA adapters
+to the target layers; train with `model.fit`.
+"""
+
+from keras_qlora import interop
+from keras_qlora import quantizers
+from keras_qlora.layers import QLoRADense
+from keras_qlora.layers import QLoRAEinsumDense
+from keras_qlora.model import QLoRAModel
+from keras_qlora.quantizers import NF4State
+from keras_qlora.quantizers import dequantize_nf4
+from keras_qlora.quantizers import quantize_nf4
+from keras_qlora.report import summary
+from keras_qlora.rewrite import apply
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NF4State",
+    "QLoRADense",
+    "QLoRAEinsumDense",
+    "QLoRAModel",
+    "apply",
+    "dequantize_nf4",
+    "interop",
+    "quantize_nf4",
+    "quantizers",
+    "summary",
+]

@@ -10,3 +10,16 @@ from keras_qlora.quantizers.nf4 import unpack_nibbles
 from keras_qlora.quantizers.state import ALLOWED_BLOCK_SIZES
 from keras_qlora.quantizers.state import NF4State
 from keras_qlora.quantizers.state import dequantize_absmax
+
+__all__ = [
+    "ALLOWED_BLOCK_SIZES",
+    "NF4State",
+    "NF4_CODE",
+    "dequantize_absmax",
+    "dequantize_nf4",
+    "double_quantize_absmax",
+    "dynamic_map",
+    "pack_nibbles",
+    "quantize_nf4",
+    "unpack_nibbles",
+]

@@ -1,0 +1,136 @@
+"""Converting selected layers to QLoRA layers, and freezing the rest.
+
+The mechanics under `apply()` (which decides *which* layers) and under
+`QLoRAModel.from_config` (which rebuilds the recorded layers of a saved
+model before its weights load).
+"""
+
+import gc
+
+import keras
+import numpy as np
+
+from keras_qlora import surgery
+from keras_qlora.layers import QLoRADense
+from keras_qlora.layers import QLoRAEinsumDense
+from keras_qlora.layers import QLoRALayerBase
+from keras_qlora.quantizers.state import check_block_size
+
+_CONVERTERS = (
+    (keras.layers.EinsumDense, QLoRAEinsumDense),
+    (keras.layers.Dense, QLoRADense),
+)
+
+
+def restore(model, settings, replaced, modules_to_save):
+    """Rebuilds a saved model's QLoRA structure (zero weights, to be loaded).
+
+    `replaced` lists `{"path", "lora"}` as recorded by `rewrite`. Layers
+    that the base model's config already rebuilt as QLoRA layers (top-level
+    layers of a Functional model) are kept as they are.
+    """
+    check_settings(settings)
+    by_path = {f.path: f for f in surgery.walk(model)}
+    plan = []
+    for item in replaced:
+        entry = by_path.get(item["path"])
+        if entry is None:
+            raise ValueError(
+                f"The saved QLoRA model has a layer '{item['path']}' that the "
+                "rebuilt base model does not have. Its layers are: "
+                f"{', '.join(sorted(by_path))}"
+            )
+        if convertible(entry.layer):
+            plan.append((entry, bool(item["lora"])))
+        elif not isinstance(entry.layer, QLoRALayerBase):
+            raise ValueError(
+                f"Layer '{item['path']}' was saved as a QLoRA layer but was "
+                f"rebuilt as {type(entry.layer).__name__}."
+            )
+    execute(plan, settings, quantize=False, verbose=False)
+    freeze(model, list(modules_to_save))
+
+
+def execute(plan, settings, quantize, verbose):
+    replaced = []
+    progress = keras.utils.Progbar(len(plan)) if verbose and plan else None
+    for i, (entry, with_lora) in enumerate(plan):
+        new = convert_layer(entry.layer, settings, with_lora, quantize)
+        surgery.replace(entry, new)
+        replaced.append(
+            {
+                "path": entry.path,
+                "type": type(new).__name__,
+                "shape": list(new.kernel_2d_shape),
+                "lora": new.has_lora,
+            }
+        )
+        entry.layer = new  # drop our reference to the float layer
+        if progress is not None:
+            progress.update(i + 1)
+    gc.collect()
+    return replaced
+
+
+def check_settings(settings):
+    rank = settings["rank"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(
+            f"rank must be a positive int. Received: rank={rank!r}"
+        )
+    check_block_size(settings["block_size"])
+
+
+def variable_bytes(model, predicate=None):
+    """Bytes held by the model's variables (optionally filtered)."""
+    return sum(
+        numel(v) * _itemsize(v.dtype)
+        for v in model.weights
+        if predicate is None or predicate(v)
+    )
+
+
+def _itemsize(dtype):
+    name = keras.backend.standardize_dtype(dtype)
+    return 2 if name == "bfloat16" else np.dtype(name).itemsize
+
+
+def convertible(layer):
+    if isinstance(layer, QLoRALayerBase):
+        return False
+    return any(isinstance(layer, src) for src, _ in _CONVERTERS)
+
+
+def convert_layer(layer, settings, with_lora, quantize):
+    for src, cls in _CONVERTERS:
+        if isinstance(layer, src):
+            return cls.from_layer(
+                layer,
+                rank=settings["rank"] if with_lora else None,
+                lora_alpha=settings["alpha"],
+                lora_dropout=settings["dropout"],
+                use_rslora=settings["use_rslora"],
+                block_size=settings["block_size"],
+                double_quant=settings["double_quant"],
+                scale_search=settings["scale_search"],
+                quantize=quantize,
+            )
+    raise TypeError(f"No QLoRA layer for {type(layer).__name__}")
+
+
+def freeze(model, saved_paths):
+    """Freezes every variable except LoRA ones and modules_to_save."""
+    keep = set()
+    saved = set(saved_paths)
+    for entry in surgery.walk(model):
+        layer = entry.layer
+        if isinstance(layer, QLoRALayerBase) and layer.has_lora:
+            keep.update(id(v) for v in (layer.lora_a, layer.lora_b))
+        if entry.path in saved:
+            keep.update(id(v) for v in layer.weights)
+    for v in model.weights:
+        v.trainable = id(v) in keep
+
+
+def numel(variable) -> int:
+    return int(np.prod(variable.shape, dtype=np.int64))

@@ -1,0 +1,364 @@
+"""NF4 states <-> bitsandbytes `Linear4bit` state_dict entries.
+
+bitsandbytes saves a 4-bit Linear as the packed weight plus a few entries
+named after it (here for the weight key `weight`):
+
+    weight                                uint8 [ceil(N * K / 2), 1]
+    weight.absmax                         uint8 codes (double quant), else
+                                          float32 [blocks]
+    weight.quant_map                      float32 [16], the NF4 table
+    weight.nested_absmax                  float32 [ceil(blocks / 256)]
+    weight.nested_quant_map               float32 [256], the dynamic map
+    weight.quant_state.bitsandbytes__nf4  uint8 bytes of a UTF-8 JSON dict:
+                                          quant_type, blocksize, dtype,
+                                          shape, and nested_* scalars
+
+The `nested_*` entries exist only with double quantization. The torch weight
+is `[out, in] = [N, K]`, the Keras kernel transposed; `NF4State` already
+stores its bytes in that order, so converting renames and validates, and
+never requantizes. Only numpy is used: torch tensors are accepted (anything
+with `.detach()`), but torch is never imported, and nothing is unpickled.
+"""
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from keras_qlora.quantizers import codes
+from keras_qlora.quantizers.state import ALLOWED_BLOCK_SIZES
+from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
+from keras_qlora.quantizers.state import NF4State
+from keras_qlora.quantizers.state import num_blocks
+
+_QUANT_STATE = "quant_state.bitsandbytes__"
+# Dtypes a bitsandbytes weight may dequantize to; the stored state is the
+# same for all three (we always dequantize to float32).
+_WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def to_bitsandbytes(state_or_layer: Any, prefix: str = "weight") -> dict:
+    """Converts an NF4 weight to bitsandbytes `Linear4bit` state_dict entries.
+
+    Args:
+        state_or_layer: an `NF4State`, or a built `QLoRADense` /
+            `QLoRAEinsumDense` (its `nf4_state()` is used; an EinsumDense
+            kernel is exported as its 2-D `[K, N]` view).
+        prefix: the weight's key, e.g. `"model.layers.0.mlp.up_proj.weight"`.
+
+    Returns:
+        A dict of numpy arrays with bitsandbytes' keys (see module doc). Pass
+        them through `torch.from_numpy` to load them into a `Linear4bit`.
+
+    Raises:
+        TypeError: neither an `NF4State` nor a QLoRA layer.
+
+    Example:
+    >>> import numpy as np
+    >>> from keras_qlora.quantizers import quantize_nf4
+    >>> sd = to_bitsandbytes(quantize_nf4(np.ones((64, 8), "float32")))
+    >>> sd["weight"].shape, sd["weight.absmax"].dtype
+    ((256, 1), dtype('uint8'))
+    """
+    state = _as_state(state_or_layer)
+    _check_prefix(prefix)
+    k, n = state.shape
+    meta = {
+        "quant_type": "nf4",
+        "blocksize": state.block_size,
+        "dtype": "float32",
+        "shape": [n, k],
+    }
+    out = {
+        prefix: state.packed.reshape(-1, 1).copy(),
+        f"{prefix}.absmax": state.absmax.copy(),
+        f"{prefix}.quant_map": np.array(codes.NF4_CODE, dtype=np.float32),
+    }
+    if state.double_quant:
+        out[f"{prefix}.nested_absmax"] = state.absmax_scale.copy()
+        out[f"{prefix}.nested_quant_map"] = np.array(
+            codes.dynamic_map(), dtype=np.float32
+        )
+        meta["nested_blocksize"] = NESTED_BLOCK_SIZE
+        meta["nested_dtype"] = "float32"
+        meta["nested_offset"] = state.absmax_offset
+    blob = json.dumps(meta).encode("utf-8")
+    out[f"{prefix}.{_QUANT_STATE}nf4"] = np.frombuffer(blob, np.uint8).copy()
+    return out
+
+
+def from_bitsandbytes(
+    state_dict: Mapping, prefix: str = "weight"
+) -> NF4State:
+    """Reads a bitsandbytes NF4 `Linear4bit` weight into an `NF4State`.
+
+    Args:
+        state_dict: a mapping holding the entries listed in the module doc
+            (numpy arrays or torch tensors); other keys are ignored, so a
+            whole model's state_dict works.
+        prefix: the weight's key, e.g. `"model.layers.0.mlp.up_proj.weight"`.
+
+    Returns:
+        An `NF4State` of the Keras kernel `[K, N]` (the torch weight
+        `[N, K]` transposed); `dequantize_nf4` of it equals bitsandbytes'
+        `dequantize_4bit` transposed, bit for bit.
+
+    Raises:
+        TypeError: `state_dict` is not a mapping, or an entry is not an
+            array.
+        ValueError: a missing or malformed entry, fp4 weights, a block size
+            keras_qlora does not support, or a code table that is not NF4's.
+            The message names the key, what it holds and what is allowed.
+
+    Example:
+    >>> import numpy as np
+    >>> from keras_qlora.quantizers import quantize_nf4
+    >>> state = quantize_nf4(np.ones((64, 8), "float32"))
+    >>> from_bitsandbytes(to_bitsandbytes(state)).shape
+    (64, 8)
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            "from_bitsandbytes expects a state_dict mapping. "
+            f"Received: {type(state_dict).__name__}"
+        )
+    _check_prefix(prefix)
+    meta_key, meta = _read_meta(state_dict, prefix)
+    n, k = _check_meta(meta, meta_key)
+    block_size = meta["blocksize"]
+    blocks = num_blocks(k * n, block_size)
+    nested = _is_nested(state_dict, prefix, meta, meta_key)
+
+    packed = _array(state_dict, prefix, None, np.uint8)
+    if packed.size != (k * n + 1) // 2 or packed.ndim not in (1, 2):
+        raise ValueError(
+            f"from_bitsandbytes: '{prefix}' must hold ceil(N * K / 2) = "
+            f"{(k * n + 1) // 2} bytes, shape [bytes, 1] or [bytes], for "
+            f"shape [N, K] = {[n, k]}. Received: shape={packed.shape}"
+        )
+    _check_table(state_dict, prefix, "quant_map", codes.NF4_CODE, "NF4")
+    absmax_dtype = np.uint8 if nested else np.float32
+    absmax = _array(state_dict, prefix, "absmax", absmax_dtype, (blocks,))
+    scale = offset = None
+    if nested:
+        _check_table(
+            state_dict,
+            prefix,
+            "nested_quant_map",
+            codes.dynamic_map(),
+            "8-bit dynamic",
+        )
+        nested_blocks = num_blocks(blocks, NESTED_BLOCK_SIZE)
+        scale = _array(
+            state_dict, prefix, "nested_absmax", np.float32, (nested_blocks,)
+        )
+        _check_finite(scale, f"{prefix}.nested_absmax")
+        offset = meta["nested_offset"]
+    else:
+        _check_finite(absmax, f"{prefix}.absmax")
+    return NF4State(
+        packed=np.ascontiguousarray(packed.reshape(-1)),
+        absmax=absmax,
+        shape=(k, n),
+        block_size=block_size,
+        absmax_scale=scale,
+        absmax_offset=offset,
+    )
+
+
+def _as_state(obj) -> NF4State:
+    if isinstance(obj, NF4State):
+        return obj
+    # Duck-typed so this module does not import Keras layers.
+    if callable(getattr(obj, "nf4_state", None)):
+        return obj.nf4_state()
+    raise TypeError(
+        "to_bitsandbytes expects an NF4State or a built QLoRADense / "
+        f"QLoRAEinsumDense. Received: {type(obj).__name__}"
+    )
+
+
+def _check_prefix(prefix):
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError(
+            "prefix must be the non-empty key of the weight, e.g. 'weight'. "
+            f"Received: prefix={prefix!r}"
+        )
+
+
+def _read_meta(state_dict, prefix):
+    """Finds and decodes the packed `quant_state.bitsandbytes__*` entry."""
+    start = f"{prefix}.{_QUANT_STATE}"
+    found = sorted(k for k in state_dict if str(k).startswith(start))
+    want = f"{start}nf4"
+    if len(found) != 1:
+        raise ValueError(
+            f"from_bitsandbytes needs exactly one key '{want}'. Received: "
+            f"{found or 'none'}; keys under '{prefix}': "
+            f"{_keys_under(state_dict, prefix)}"
+        )
+    key = found[0]
+    if key != want:
+        raise ValueError(
+            f"from_bitsandbytes: '{key}' holds a "
+            f"'{key[len(start):]}' weight; only 'nf4' is supported "
+            "(fp4 has a different code table)."
+        )
+    raw = _to_numpy(state_dict[key], key)
+    try:
+        meta = json.loads(np.asarray(raw, dtype=np.uint8).tobytes())
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"from_bitsandbytes: '{key}' must be the uint8 bytes of a UTF-8 "
+            f"JSON dict. Received: {_describe(raw)} ({err})"
+        ) from None
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"from_bitsandbytes: '{key}' must decode to a JSON dict. "
+            f"Received: {type(meta).__name__}"
+        )
+    return key, meta
+
+
+def _check_meta(meta, key):
+    """Validates the JSON scalars; returns the torch shape `(N, K)`."""
+    required = ["quant_type", "blocksize", "dtype", "shape"]
+    missing = [f for f in required if f not in meta]
+    if missing:
+        raise ValueError(
+            f"from_bitsandbytes: '{key}' lacks fields {missing}. "
+            f"Received fields: {sorted(meta)}"
+        )
+    _check_field(meta, key, "quant_type", ("nf4",))
+    _check_field(meta, key, "blocksize", ALLOWED_BLOCK_SIZES)
+    _check_field(meta, key, "dtype", _WEIGHT_DTYPES)
+    shape = meta["shape"]
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(_is_int(d) and d > 0 for d in shape)
+    ):
+        raise ValueError(
+            f"from_bitsandbytes: field 'shape' of '{key}' must be two "
+            f"positive ints [N, K] (a Linear weight). Received: {shape!r}"
+        )
+    return int(shape[0]), int(shape[1])
+
+
+def _is_nested(state_dict, prefix, meta, key):
+    """Whether the weight is double quantized; checks the parts agree."""
+    nested_fields = ("nested_blocksize", "nested_dtype", "nested_offset")
+    nested_keys = (f"{prefix}.nested_absmax", f"{prefix}.nested_quant_map")
+    have_fields = [f for f in nested_fields if f in meta]
+    have_keys = [k for k in nested_keys if k in state_dict]
+    if not have_fields and not have_keys:
+        return False
+    if len(have_fields) != 3 or len(have_keys) != 2:
+        raise ValueError(
+            "from_bitsandbytes: a double-quantized weight needs keys "
+            f"{list(nested_keys)} and fields {list(nested_fields)} in "
+            f"'{key}'. Received keys {have_keys} and fields {have_fields}."
+        )
+    _check_field(meta, key, "nested_blocksize", (NESTED_BLOCK_SIZE,))
+    _check_field(meta, key, "nested_dtype", ("float32",))
+    offset = meta["nested_offset"]
+    if not (
+        isinstance(offset, (int, float))
+        and not isinstance(offset, bool)
+        and math.isfinite(offset)
+    ):
+        raise ValueError(
+            f"from_bitsandbytes: field 'nested_offset' of '{key}' must be a "
+            f"finite number. Received: {offset!r}"
+        )
+    return True
+
+
+def _check_field(meta, key, field, allowed):
+    value = meta[field]
+    if isinstance(allowed[0], int) and not _is_int(value):
+        value_ok = False  # reject 64.0 and True, which == 64 and == 1
+    else:
+        value_ok = value in allowed
+    if not value_ok:
+        raise ValueError(
+            f"from_bitsandbytes: field '{field}' of '{key}' must be one of "
+            f"{allowed}. Received: {field}={value!r}"
+        )
+
+
+def _check_table(state_dict, prefix, name, expected, what):
+    key = f"{prefix}.{name}"
+    table = _array(state_dict, prefix, name, np.float32, expected.shape)
+    if not np.array_equal(table, expected):
+        bad = int(np.sum(table != expected))
+        raise ValueError(
+            f"from_bitsandbytes: '{key}' must be the {what} code table "
+            f"keras_qlora uses; {bad} of {expected.size} values differ. "
+            f"Received: {table[:4].tolist()}..."
+        )
+
+
+def _check_finite(values, key):
+    if not np.isfinite(values).all():
+        raise ValueError(
+            f"from_bitsandbytes: '{key}' must be finite. Received "
+            f"{int(np.sum(~np.isfinite(values)))} NaN/Inf values."
+        )
+
+
+def _array(state_dict, prefix, name, dtype, shape=None):
+    """Entry `prefix.name` (`prefix` when name is None) as checked numpy."""
+    key = prefix if name is None else f"{prefix}.{name}"
+    if key not in state_dict:
+        raise ValueError(
+            f"from_bitsandbytes: missing key '{key}'. Received keys under "
+            f"'{prefix}': {_keys_under(state_dict, prefix)}"
+        )
+    value = _to_numpy(state_dict[key], key)
+    if value.dtype != dtype or (shape is not None and value.shape != shape):
+        want = np.dtype(dtype).name
+        raise ValueError(
+            f"from_bitsandbytes: '{key}' must be {want} with shape "
+            f"{list(shape) if shape is not None else 'any'}. "
+            f"Received: {_describe(value)}"
+        )
+    return value
+
+
+def _to_numpy(value, key):
+    if hasattr(value, "detach"):  # a torch tensor; no torch import needed
+        try:
+            value = value.detach().cpu().numpy()
+        except (TypeError, RuntimeError) as err:
+            raise TypeError(
+                f"from_bitsandbytes: cannot read '{key}' as a numpy array "
+                f"(dtype={getattr(value, 'dtype', '?')}): {err}"
+            ) from None
+    if isinstance(value, (bytes, bytearray)):
+        return np.frombuffer(bytes(value), dtype=np.uint8)
+    value = np.asarray(value)
+    if value.dtype == object:
+        raise TypeError(
+            f"from_bitsandbytes: '{key}' must be an array. Received: "
+            f"{type(value).__name__} of objects"
+        )
+    return value
+
+
+def _keys_under(state_dict, prefix):
+    dotted = prefix + "."
+    return sorted(
+        str(k) for k in state_dict if k == prefix or str(k).startswith(dotted)
+    )
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe(value):
+    arr = np.asarray(value)
+    return f"array(shape={list(arr.shape)}, dtype={arr.dtype})"

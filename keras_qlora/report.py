@@ -1,0 +1,131 @@
+"""`summary()`: what `apply()` did, and the memory arithmetic, measured."""
+
+import numpy as np
+
+from keras_qlora import convert
+from keras_qlora.convert import numel
+from keras_qlora import surgery
+from keras_qlora.layers import QLoRALayerBase
+
+
+def collect(model) -> dict:
+    """Measures a `QLoRAModel`: replaced layers, parameters and bytes.
+
+    Returns:
+        A dict with `layers` (path, type, [K, N], rank, bits per weight),
+        `trainable_params`, `total_params` (an NF4 weight counts once, as
+        the float parameter it stands for), `bytes_before` (all variables
+        of the float model, measured by `apply()`), `bytes_after` (all
+        non-LoRA variables now), `lora_bytes` and `nf4_bits_per_weight`.
+    """
+    from keras_qlora.model import QLoRAModel
+
+    if not isinstance(model, QLoRAModel):
+        raise TypeError(
+            "keras_qlora.summary() expects the model returned by "
+            f"keras_qlora.apply(). Received: {type(model).__name__}"
+        )
+    layers, nf4_ids, lora_ids = [], set(), set()
+    nf4_weights = nf4_bytes = 0
+    for entry in surgery.walk(model.base_model):
+        layer = entry.layer
+        if not isinstance(layer, QLoRALayerBase):
+            continue
+        k, n = layer.kernel_2d_shape
+        storage = _nf4_variables(layer)
+        nf4_ids.update(id(v) for v in storage)
+        if layer.has_lora:
+            lora_ids.update(id(v) for v in (layer.lora_a, layer.lora_b))
+        size = sum(numel(v) * v_itemsize(v) for v in storage)
+        nf4_weights += k * n
+        nf4_bytes += size
+        layers.append(
+            {
+                "path": entry.path,
+                "type": type(layer).__name__,
+                "shape": (k, n),
+                "rank": layer.rank,
+                "bits_per_weight": 8.0 * size / (k * n),
+            }
+        )
+    weights = model.weights
+    other_params = sum(numel(v) for v in weights if id(v) not in nf4_ids)
+    report = model.qlora_report
+    return {
+        "layers": layers,
+        "trainable_params": sum(numel(v) for v in model.trainable_weights),
+        "total_params": other_params + nf4_weights,
+        "bytes_before": report.get("bytes_before"),
+        "bytes_after": convert.variable_bytes(
+            model, lambda v: id(v) not in lora_ids
+        ),
+        "lora_bytes": convert.variable_bytes(
+            model, lambda v: id(v) in lora_ids
+        ),
+        "nf4_bits_per_weight": 8.0 * nf4_bytes / max(nf4_weights, 1),
+        "modules_to_save": list(report.get("modules_to_save", [])),
+        "unmatched_targets": list(report.get("unmatched_targets", [])),
+    }
+
+
+def summary(model, print_fn=print) -> str:
+    """Prints (and returns) what `keras_qlora.apply()` did to `model`.
+
+    Lists every replaced layer, trainable vs total parameters, and the bytes
+    of the base weights before and after quantization.
+
+    Example:
+    >>> text = keras_qlora.summary(model)  # doctest: +SKIP
+    """
+    info = collect(model)
+    rows = [
+        f"keras_qlora summary: {model.name}",
+        f"{'layer':<58} {'type':<17} {'[K, N]':>13} {'LoRA':>6} {'bits':>6}",
+    ]
+    for item in info["layers"]:
+        k, n = item["shape"]
+        rows.append(
+            f"{item['path'][-58:]:<58} {item['type']:<17} "
+            f"{f'[{k}, {n}]':>13} "
+            f"{('r=' + str(item['rank'])) if item['rank'] else '-':>6} "
+            f"{item['bits_per_weight']:>6.3f}"
+        )
+    lora = sum(1 for i in info["layers"] if i["rank"])
+    total, trainable = info["total_params"], info["trainable_params"]
+    rows += [
+        f"Replaced layers: {len(info['layers'])} NF4 ({lora} with LoRA)",
+        f"Trainable params: {trainable:,} of {total:,} "
+        f"({100.0 * trainable / max(total, 1):.3f}%)",
+    ]
+    if info["bytes_before"]:
+        ratio = info["bytes_after"] / info["bytes_before"]
+        rows.append(
+            f"Base weights: {_mb(info['bytes_before'])} before -> "
+            f"{_mb(info['bytes_after'])} after ({ratio:.3f}x); "
+            f"NF4 layers at {info['nf4_bits_per_weight']:.3f} bits/weight"
+        )
+    rows.append(f"LoRA weights: {_mb(info['lora_bytes'])} (float32)")
+    if info["modules_to_save"]:
+        rows.append("Trainable float modules: " + ", ".join(
+            info["modules_to_save"]))
+    if info["unmatched_targets"]:
+        rows.append("Targets that matched nothing: " + ", ".join(
+            info["unmatched_targets"]))
+    text = "\n".join(rows)
+    if print_fn is not None:
+        print_fn(text)
+    return text
+
+
+def v_itemsize(variable) -> int:
+    return np.dtype(variable.dtype).itemsize
+
+
+def _nf4_variables(layer):
+    names = ("nf4_packed", "nf4_absmax", "nf4_absmax_scale",
+             "nf4_absmax_offset")
+    return [getattr(layer, n) for n in names if getattr(layer, n) is not None]
+
+
+def _mb(num_bytes):
+    return f"{num_bytes / 2**20:,.2f} MiB"

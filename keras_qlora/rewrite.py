@@ -1,0 +1,241 @@
+"""`apply()`: make a Keras model 4-bit and put LoRA adapters on targets.
+
+As in QLoRA, every linear layer matched by `quantize_modules` becomes NF4
+(frozen); those also matched by `target_modules` get a LoRA adapter; layers
+matched by `modules_to_save` stay float and trainable; every other variable
+is frozen. The result is a `QLoRAModel` wrapping the (edited) model.
+"""
+
+import re
+import time
+from collections.abc import Callable
+
+import keras
+
+from keras_qlora import convert
+from keras_qlora.convert import numel
+from keras_qlora import surgery
+from keras_qlora.layers import QLoRALayerBase
+from keras_qlora.model import QLoRAModel
+
+ALL_LINEAR = "all-linear"
+
+def apply(
+    model,
+    rank=8,
+    alpha=16,
+    dropout=0.0,
+    target_modules=("query", "key", "value"),
+    quantize_modules=ALL_LINEAR,
+    exclude_modules=None,
+    modules_to_save=None,
+    block_size=64,
+    double_quant=True,
+    scale_search=True,
+    use_rslora=False,
+    verbose=True,
+):
+    """Quantizes `model` to NF4 and adds LoRA adapters; returns the wrapper.
+
+    Layer selectors (`target_modules`, `quantize_modules`, `exclude_modules`,
+    `modules_to_save`) accept:
+    - a list/tuple of strings: exact layer name or suffix of the layer path
+      (`"query"`, `"transformer_layer_0/self_attention/query"`);
+    - a single string: a regular expression, full-matched against paths;
+    - a compiled `re.Pattern` (full match on paths);
+    - a callable `(path, layer) -> bool`;
+    - `"all-linear"`: every Dense/EinsumDense except output heads sized to a
+      vocabulary (an Embedding's `input_dim`).
+    Paths are layer names from the model down, joined by "/".
+
+    Args:
+        model: a built Keras model (Sequential, Functional, subclassed or a
+            keras_hub backbone).
+        rank: LoRA rank r.
+        alpha: LoRA alpha; the adapter output is scaled by alpha / r.
+        dropout: dropout on the adapter input during training.
+        target_modules: layers that get LoRA adapters.
+        quantize_modules: layers stored as frozen NF4; None quantizes only
+            the targets.
+        exclude_modules: layers left untouched (float, frozen).
+        modules_to_save: layers left float and trainable (e.g. a task head).
+        block_size, double_quant, scale_search: NF4 settings, see
+            `keras_qlora.quantizers.quantize_nf4`.
+        use_rslora: scale the adapter by alpha / sqrt(r).
+        verbose: print a progress bar over the layers being quantized.
+
+    Returns:
+        A `QLoRAModel` that calls the edited model; `keras_qlora.summary()`
+        prints what was done. The input model object is edited in place and
+        should not be used on its own afterwards.
+
+    Raises:
+        ValueError: nothing matched (the message lists the model's
+            Dense/EinsumDense paths), keras_qlora already applied, bad
+            settings.
+
+    Example:
+    >>> model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(
+    ...     16, name="query")])
+    >>> model = apply(model, rank=4, verbose=False)
+    >>> [v.name for v in model.trainable_variables]
+    ['lora_a', 'lora_b']
+    """
+    settings = dict(
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=target_modules,
+        quantize_modules=quantize_modules,
+        exclude_modules=exclude_modules,
+        modules_to_save=modules_to_save,
+        block_size=block_size,
+        double_quant=double_quant,
+        scale_search=scale_search,
+        use_rslora=use_rslora,
+    )
+    _check_model(model)
+    bytes_before = convert.variable_bytes(model)
+    params_before = sum(numel(v) for v in model.weights)
+    report = rewrite(model, settings, verbose=verbose)
+    report["bytes_before"] = bytes_before
+    report["params_before"] = params_before
+    return QLoRAModel(model, settings=settings, report=report)
+
+
+def rewrite(model, settings, verbose=False):
+    """Replaces the layers `settings` select, in place; returns a report."""
+    convert.check_settings(settings)
+    found = surgery.walk(model)
+    existing = [f.path for f in found if isinstance(f.layer, QLoRALayerBase)]
+    if existing:
+        raise ValueError(
+            "keras_qlora.apply() was already applied to this model: it holds "
+            f"QLoRA layers ({', '.join(existing[:5])}). Apply it once, to "
+            "the float model."
+        )
+    linear = [f for f in found if convert.convertible(f.layer)]
+    vocab_sizes = {
+        f.layer.input_dim
+        for f in found
+        if isinstance(f.layer, keras.layers.Embedding)
+    }
+    targets = _select(settings["target_modules"], linear, vocab_sizes)
+    excluded = _select(settings["exclude_modules"], linear, vocab_sizes)
+    saved = _select(settings["modules_to_save"], found, vocab_sizes)
+    quant = targets | _select(
+        settings["quantize_modules"], linear, vocab_sizes
+    )
+    quant -= excluded | saved
+    targets &= quant
+    if not targets:
+        names = ", ".join(f.path for f in linear) or "(none)"
+        raise ValueError(
+            "Target modules "
+            f"{_describe_selector(settings['target_modules'])} not found "
+            f"in the model. Its Dense/EinsumDense layers are: {names}"
+        )
+    plan = [(f, id(f.layer) in targets) for f in linear if id(f.layer) in quant]
+    start = time.perf_counter()
+    replaced = convert.execute(plan, settings, quantize=True, verbose=verbose)
+    saved_paths = [f.path for f in found if id(f.layer) in saved]
+    convert.freeze(model, saved_paths)
+    return {
+        "replaced": replaced,
+        "modules_to_save": saved_paths,
+        "unmatched_targets": _unmatched(settings["target_modules"], found),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _check_model(model):
+    if isinstance(model, QLoRAModel):
+        raise ValueError(
+            "keras_qlora.apply() was already applied: this is a QLoRAModel. "
+            "Apply it once, to the float model."
+        )
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            "keras_qlora.apply() expects a Keras model or layer. "
+            f"Received: {type(model).__name__}"
+        )
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built. Build it (call it on a "
+            "batch, or give it an Input) before keras_qlora.apply()."
+        )
+
+
+def _output_size(layer):
+    kernel = getattr(layer, "kernel", None)
+    if kernel is None or len(kernel.shape) == 0:
+        return None
+    return int(kernel.shape[-1])
+
+
+def _select(selector, entries, vocab_sizes):
+    """ids of the entries' layers matched by `selector`."""
+    if selector is None:
+        return set()
+    if isinstance(selector, str) and selector == ALL_LINEAR:
+        return {
+            id(f.layer)
+            for f in entries
+            if convert.convertible(f.layer) and _output_size(f.layer) not in
+            vocab_sizes
+        }
+    match = _matcher(selector)
+    return {id(f.layer) for f in entries if match(f.path, f.layer)}
+
+
+def _matcher(selector) -> Callable:
+    if isinstance(selector, re.Pattern):
+        return lambda path, layer: selector.fullmatch(path) is not None
+    if isinstance(selector, str):
+        try:
+            pattern = re.compile(selector)
+        except re.error as e:
+            raise ValueError(
+                f"Module selector {selector!r} is not a valid regular "
+                f"expression ({e}). Pass a list of names for exact/suffix "
+                "matching."
+            ) from None
+        return lambda path, layer: pattern.fullmatch(path) is not None
+    if callable(selector):
+        return lambda path, layer: bool(selector(path, layer))
+    if isinstance(selector, (list, tuple, set, frozenset)):
+        names = list(selector)
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise TypeError(
+                    "Module selector lists must hold non-empty strings. "
+                    f"Received: {name!r} in {selector!r}"
+                )
+        return lambda path, layer: any(
+            layer.name == n or path == n or path.endswith("/" + n)
+            for n in names
+        )
+    raise TypeError(
+        "A module selector must be a list of names, a regex string, a "
+        "re.Pattern, a callable (path, layer) -> bool, 'all-linear' or "
+        f"None. Received: {selector!r}"
+    )
+
+
+def _unmatched(selector, found):
+    """Names in a list selector that match no layer at all."""
+    if not isinstance(selector, (list, tuple, set, frozenset)):
+        return []
+    return [
+        name
+        for name in selector
+        if not any(_matcher([name])(f.path, f.layer) for f in found)
+    ]
+
+
+def _describe_selector(selector):
+    if callable(selector) and not isinstance(selector, str):
+        return getattr(selector, "__name__", repr(selector))
+    return repr(selector)
+
+
