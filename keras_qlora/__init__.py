@@ -13,6 +13,7 @@ from keras_qlora.model import QLoRAModel
 from keras_qlora.quantizers import NF4State
 from keras_qlora.quantizers import dequantize_nf4
 from keras_qlora.quantizers import quantize_nf4
+from keras_qlora import report
 from keras_qlora.report import summary
 from keras_qlora.rewrite import apply
 
@@ -28,5 +29,6 @@ __all__ = [
     "interop",
     "quantize_nf4",
     "quantizers",
+    "report",
     "summary",
 ]

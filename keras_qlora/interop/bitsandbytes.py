@@ -89,9 +89,7 @@ def to_bitsandbytes(state_or_layer: Any, prefix: str = "weight") -> dict:
     return out
 
 
-def from_bitsandbytes(
-    state_dict: Mapping, prefix: str = "weight"
-) -> NF4State:
+def from_bitsandbytes(state_dict: Mapping, prefix: str = "weight") -> NF4State:
     """Reads a bitsandbytes NF4 `Linear4bit` weight into an `NF4State`.
 
     Args:
@@ -203,7 +201,7 @@ def _read_meta(state_dict, prefix):
     if key != want:
         raise ValueError(
             f"from_bitsandbytes: '{key}' holds a "
-            f"'{key[len(start):]}' weight; only 'nf4' is supported "
+            f"'{key[len(start) :]}' weight; only 'nf4' is supported "
             "(fp4 has a different code table)."
         )
     raw = _to_numpy(state_dict[key], key)
