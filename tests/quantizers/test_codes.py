@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from keras_qlora.quantizers import NF4_CODE
-from keras_qlora.quantizers import dynamic_map
 from keras_qlora.quantizers import codes
+from keras_qlora.quantizers import dynamic_map
 
 
 def test_nf4_code_shape_order_and_anchors():
