@@ -7,13 +7,13 @@ to the target layers; train with `model.fit`.
 
 from keras_qlora import interop
 from keras_qlora import quantizers
+from keras_qlora import report
 from keras_qlora.layers import QLoRADense
 from keras_qlora.layers import QLoRAEinsumDense
 from keras_qlora.model import QLoRAModel
 from keras_qlora.quantizers import NF4State
 from keras_qlora.quantizers import dequantize_nf4
 from keras_qlora.quantizers import quantize_nf4
-from keras_qlora import report
 from keras_qlora.report import summary
 from keras_qlora.rewrite import apply
 

@@ -55,9 +55,7 @@ class QLoRAModel(keras.Model):
         report = self.qlora_report
         return {
             "name": self.name,
-            "base_model": keras.saving.serialize_keras_object(
-                self.base_model
-            ),
+            "base_model": keras.saving.serialize_keras_object(self.base_model),
             "settings": dict(self.settings),
             "replaced": [
                 {"path": r["path"], "lora": bool(r["lora"])}

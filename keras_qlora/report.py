@@ -3,8 +3,8 @@
 import numpy as np
 
 from keras_qlora import convert
-from keras_qlora.convert import numel
 from keras_qlora import surgery
+from keras_qlora.convert import numel
 from keras_qlora.layers import QLoRALayerBase
 
 
@@ -106,11 +106,14 @@ def summary(model, print_fn=print) -> str:
         )
     rows.append(f"LoRA weights: {_mb(info['lora_bytes'])} (float32)")
     if info["modules_to_save"]:
-        rows.append("Trainable float modules: " + ", ".join(
-            info["modules_to_save"]))
+        rows.append(
+            "Trainable float modules: " + ", ".join(info["modules_to_save"])
+        )
     if info["unmatched_targets"]:
-        rows.append("Targets that matched nothing: " + ", ".join(
-            info["unmatched_targets"]))
+        rows.append(
+            "Targets that matched nothing: "
+            + ", ".join(info["unmatched_targets"])
+        )
     text = "\n".join(rows)
     if print_fn is not None:
         print_fn(text)
@@ -122,8 +125,12 @@ def v_itemsize(variable) -> int:
 
 
 def _nf4_variables(layer):
-    names = ("nf4_packed", "nf4_absmax", "nf4_absmax_scale",
-             "nf4_absmax_offset")
+    names = (
+        "nf4_packed",
+        "nf4_absmax",
+        "nf4_absmax_scale",
+        "nf4_absmax_offset",
+    )
     return [getattr(layer, n) for n in names if getattr(layer, n) is not None]
 
 

@@ -13,12 +13,13 @@ from collections.abc import Callable
 import keras
 
 from keras_qlora import convert
-from keras_qlora.convert import numel
 from keras_qlora import surgery
+from keras_qlora.convert import numel
 from keras_qlora.layers import QLoRALayerBase
 from keras_qlora.model import QLoRAModel
 
 ALL_LINEAR = "all-linear"
+
 
 def apply(
     model,
@@ -123,9 +124,7 @@ def rewrite(model, settings, verbose=False):
     targets = _select(settings["target_modules"], linear, vocab_sizes)
     excluded = _select(settings["exclude_modules"], linear, vocab_sizes)
     saved = _select(settings["modules_to_save"], found, vocab_sizes)
-    quant = targets | _select(
-        settings["quantize_modules"], linear, vocab_sizes
-    )
+    quant = targets | _select(settings["quantize_modules"], linear, vocab_sizes)
     quant -= excluded | saved
     targets &= quant
     if not targets:
@@ -181,8 +180,8 @@ def _select(selector, entries, vocab_sizes):
         return {
             id(f.layer)
             for f in entries
-            if convert.convertible(f.layer) and _output_size(f.layer) not in
-            vocab_sizes
+            if convert.convertible(f.layer)
+            and _output_size(f.layer) not in vocab_sizes
         }
     match = _matcher(selector)
     return {id(f.layer) for f in entries if match(f.path, f.layer)}
@@ -237,5 +236,3 @@ def _describe_selector(selector):
     if callable(selector) and not isinstance(selector, str):
         return getattr(selector, "__name__", repr(selector))
     return repr(selector)
-
-

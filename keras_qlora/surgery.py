@@ -95,9 +95,7 @@ def replace(entry: Found, new_layer):
             if isinstance(container, tuple):
                 items = list(container)
                 items[slot.index] = new_layer
-                object.__setattr__(
-                    parent, slot.key, type(container)(items)
-                )
+                object.__setattr__(parent, slot.key, type(container)(items))
             else:
                 list.__setitem__(container, slot.index, new_layer)
         elif slot.kind == "functional":
@@ -142,7 +140,9 @@ def release_variables(layer):
 
 
 def _is_variable(value):
-    return isinstance(value, keras.Variable) or hasattr(value, "_keras_variable")
+    return isinstance(value, keras.Variable) or hasattr(
+        value, "_keras_variable"
+    )
 
 
 def _index_by_id(items, value):

@@ -33,11 +33,7 @@ def _model():
 
 
 def _nf4_values(model):
-    return {
-        v.path: v.numpy().copy()
-        for v in model.weights
-        if not v.trainable
-    }
+    return {v.path: v.numpy().copy() for v in model.weights if not v.trainable}
 
 
 def test_fit_lowers_loss_and_changes_only_lora():
@@ -82,8 +78,7 @@ def test_fit_under_mixed_bfloat16(dtype_policy_guard):
 def _trained(tmp_path):
     keras.utils.set_random_seed(1)
     x, y = _task(1)
-    q = keras_qlora.apply(_model(), rank=4, modules_to_save=None,
-                          verbose=False)
+    q = keras_qlora.apply(_model(), rank=4, modules_to_save=None, verbose=False)
     q.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     q.fit(x, y, batch_size=64, epochs=2, verbose=0)
     path = os.path.join(tmp_path, "model.keras")
@@ -95,8 +90,9 @@ def test_keras_round_trip_keeps_nf4_and_separate_lora(tmp_path):
     q, path, x = _trained(tmp_path)
     restored = keras.saving.load_model(path)
     assert isinstance(restored, keras_qlora.QLoRAModel)
-    np.testing.assert_array_equal(restored.predict(x, verbose=0),
-                                  q.predict(x, verbose=0))
+    np.testing.assert_array_equal(
+        restored.predict(x, verbose=0), q.predict(x, verbose=0)
+    )
     originals = {v.path: v for v in q.weights}
     for v in restored.weights:
         np.testing.assert_array_equal(v.numpy(), originals[v.path].numpy())
@@ -109,8 +105,11 @@ def test_keras_round_trip_keeps_nf4_and_separate_lora(tmp_path):
     datasets = _h5_datasets(path)
     packed = {k: v for k, v in datasets.items() if k.endswith("nf4_packed")}
     assert sorted(v for v in packed.values()) == sorted(
-        [((24 * 64 // 2,), "uint8"), ((64 * 64 // 2,), "uint8"),
-         ((64 * 8 // 2,), "uint8")]
+        [
+            ((24 * 64 // 2,), "uint8"),
+            ((64 * 64 // 2,), "uint8"),
+            ((64 * 8 // 2,), "uint8"),
+        ]
     )
     assert sum(k.endswith("lora_a") for k in datasets) == 2
     float_kernels = [(24, 64), (64, 64), (64, 8)]
@@ -122,15 +121,17 @@ def _h5_datasets(path):
     import h5py
 
     out = {}
-    with zipfile.ZipFile(path) as archive, archive.open(
-        "model.weights.h5"
-    ) as raw, h5py.File(raw, "r") as h5:
+    with (
+        zipfile.ZipFile(path) as archive,
+        archive.open("model.weights.h5") as raw,
+        h5py.File(raw, "r") as h5,
+    ):
         h5.visititems(
-            lambda name, obj: out.__setitem__(
-                name, (obj.shape, obj.dtype.name)
+            lambda name, obj: (
+                out.__setitem__(name, (obj.shape, obj.dtype.name))
+                if isinstance(obj, h5py.Dataset)
+                else None
             )
-            if isinstance(obj, h5py.Dataset)
-            else None
         )
     return out
 

@@ -338,7 +338,6 @@ def _check_number(value, arg, name):
         value, (int, float, np.number)
     ):
         raise TypeError(
-            f"Layer '{name}': {arg} must be a number. "
-            f"Received: {arg}={value!r}"
+            f"Layer '{name}': {arg} must be a number. Received: {arg}={value!r}"
         )
     return float(value)

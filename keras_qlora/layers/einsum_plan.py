@@ -87,7 +87,9 @@ class EinsumPlan:
         """
         if not bias_axes:
             return None
-        free_dims = dict(zip(self._free_letters(), self.free_shape))
+        free_dims = dict(
+            zip(self._free_letters(), self.free_shape, strict=True)
+        )
         for c in bias_axes:
             if c not in free_dims:
                 raise ValueError(

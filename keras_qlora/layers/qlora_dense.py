@@ -119,7 +119,8 @@ class QLoRADense(QLoRALayerBase):
         if not isinstance(layer, keras.layers.Dense):
             raise TypeError(
                 "QLoRADense.from_layer expects a keras.layers.Dense. "
-                f"Received: {type(layer).__name__} '{getattr(layer, 'name', '')}'"
+                f"Received: {type(layer).__name__} "
+                f"'{getattr(layer, 'name', '')}'"
             )
         check_source_layer(layer)
         kernel = layer.kernel

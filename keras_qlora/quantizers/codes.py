@@ -62,7 +62,7 @@ def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     return np.where(idx < steps // 2, forward, backward).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_map() -> np.ndarray:
     parts = []
     # Signed 8-bit dynamic type: for exponent e = 0..6 the fraction gets 2**e
@@ -89,7 +89,7 @@ def dynamic_map() -> np.ndarray:
     return _dynamic_map()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dynamic_map_midpoints() -> np.ndarray:
     table = _dynamic_map()
     mids = ((table[:-1] + table[1:]) / np.float32(2)).astype(np.float32)

@@ -5,7 +5,7 @@ to a plain dict of numpy arrays and Python scalars (`to_dict` / `from_dict`).
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -60,8 +60,8 @@ class NF4State:
     absmax: np.ndarray
     shape: tuple
     block_size: int = 64
-    absmax_scale: Optional[np.ndarray] = None
-    absmax_offset: Optional[float] = None
+    absmax_scale: np.ndarray | None = None
+    absmax_offset: float | None = None
 
     def __post_init__(self):
         shape = tuple(int(d) for d in self.shape)
@@ -172,9 +172,7 @@ def dequantize_absmax(
     """Undoes double quantization: `code2[q] * scale[i // 256] + offset`."""
     table = codes.dynamic_map()
     per_block = np.repeat(scale, NESTED_BLOCK_SIZE)[: codes_u8.shape[0]]
-    return (table[codes_u8] * per_block + np.float32(offset)).astype(
-        np.float32
-    )
+    return (table[codes_u8] * per_block + np.float32(offset)).astype(np.float32)
 
 
 def _describe(value) -> str:

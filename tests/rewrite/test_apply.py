@@ -39,7 +39,9 @@ def _functional():
 class _Subclassed(keras.Model):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.blocks = [keras.layers.Dense(32, name=f"block_{i}") for i in range(2)]
+        self.blocks = [
+            keras.layers.Dense(32, name=f"block_{i}") for i in range(2)
+        ]
         self.query = keras.layers.Dense(16, name="query")
 
     def call(self, x):
@@ -167,7 +169,9 @@ def test_target_selectors(selector, expected):
     q = keras_qlora.apply(
         _sequential(), rank=2, target_modules=selector, verbose=False
     )
-    with_lora = sorted(p for p, l in _qlora_layers(q).items() if l.has_lora)
+    with_lora = sorted(
+        p for p, layer in _qlora_layers(q).items() if layer.has_lora
+    )
     assert with_lora == expected
 
 
@@ -193,9 +197,7 @@ def test_exclude_modules_and_vocabulary_head():
     h = keras.layers.Dense(12, name="mlp")(h)
     logits = keras.layers.Dense(50, name="lm_head")(h)
     model = keras.Model(inp, logits)
-    q = keras_qlora.apply(
-        model, rank=2, exclude_modules=["mlp"], verbose=False
-    )
+    q = keras_qlora.apply(model, rank=2, exclude_modules=["mlp"], verbose=False)
     assert list(_qlora_layers(q)) == ["query"]
 
 
@@ -216,7 +218,9 @@ def test_gpt2_backbone_all_linear_and_round_trip(tmp_path):
         backbone, rank=4, target_modules="all-linear", verbose=False
     )
     layers = _qlora_layers(q)
-    assert len(layers) == 12 and all(l.has_lora for l in layers.values())
+    assert len(layers) == 12 and all(
+        layer.has_lora for layer in layers.values()
+    )
     out = q(x)
     assert np.isfinite(out).all()
     path = os.path.join(tmp_path, "gpt2.keras")
@@ -227,9 +231,7 @@ def test_gpt2_backbone_all_linear_and_round_trip(tmp_path):
 
 def test_nothing_matched_lists_linear_layers():
     with pytest.raises(ValueError, match=r"not found.*query, value, out"):
-        keras_qlora.apply(
-            _sequential(), target_modules=["attn"], verbose=False
-        )
+        keras_qlora.apply(_sequential(), target_modules=["attn"], verbose=False)
 
 
 def test_apply_twice_is_refused():

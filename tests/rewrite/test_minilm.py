@@ -61,7 +61,7 @@ def minilm():
 
 
 def _embed(model, inputs):
-    """Mean-pooled, L2-normalized sentence embeddings (sentence-transformers)."""
+    """Mean-pooled, L2-normalized embeddings, as sentence-transformers."""
     hidden = np.asarray(model(inputs)["sequence_output"])
     mask = inputs["padding_mask"][..., None]
     pooled = (hidden * mask).sum(1) / mask.sum(1)

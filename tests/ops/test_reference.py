@@ -1,0 +1,87 @@
+"""The ops entry point (pure keras.ops reference path) against numpy."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_qlora import ops as qops
+from keras_qlora.quantizers import dequantize_nf4
+from keras_qlora.quantizers import quantize_nf4
+
+
+def _args(state):
+    return (
+        state.packed,
+        state.absmax,
+        state.absmax_scale,
+        None
+        if state.absmax_offset is None
+        else np.float32(state.absmax_offset),
+        state.shape,
+        state.block_size,
+    )
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize(
+    "k, n, block", [(37, 19, 32), (130, 64, 64), (5, 3, 256)]
+)
+def test_matmul_and_transpose_match_numpy(k, n, block, double_quant):
+    rng = np.random.default_rng(k * n)
+    state = quantize_nf4(
+        rng.standard_normal((k, n)).astype("float32"), block, double_quant
+    )
+    w = dequantize_nf4(state)
+    x = rng.standard_normal((2, 3, k)).astype("float32")
+    np.testing.assert_allclose(
+        qops.nf4_matmul(x, *_args(state)), x @ w, rtol=1e-5, atol=1e-5
+    )
+    dy = rng.standard_normal((4, n)).astype("float32")
+    np.testing.assert_allclose(
+        qops.nf4_matmul(dy, *_args(state), transpose=True),
+        dy @ w.T,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_inputs_keep_their_dtype(dtype):
+    rng = np.random.default_rng(0)
+    state = quantize_nf4(rng.standard_normal((64, 32)).astype("float32"))
+    x = rng.standard_normal((4, 64)).astype("float32")
+    out = qops.nf4_matmul(keras.ops.cast(x, dtype), *_args(state))
+    assert keras.backend.standardize_dtype(out.dtype) == dtype
+    ref = x @ dequantize_nf4(state)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(keras.ops.cast(out, "float32")),
+        ref,
+        rtol=0.05,
+        atol=0.15,
+    )
+
+
+def test_input_gradient_is_the_transposed_product():
+    rng = np.random.default_rng(1)
+    state = quantize_nf4(rng.standard_normal((48, 24)).astype("float32"))
+    x = tf.constant(rng.standard_normal((5, 48)).astype("float32"))
+    dy = rng.standard_normal((5, 24)).astype("float32")
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = qops.nf4_matmul(x, *_args(state))
+    grad = tape.gradient(y, x, output_gradients=tf.constant(dy))
+    np.testing.assert_allclose(
+        grad, qops.nf4_matmul(dy, *_args(state), transpose=True), atol=1e-5
+    )
+
+
+def test_zero_rows():
+    state = quantize_nf4(np.ones((8, 4), "float32"))
+    out = qops.nf4_matmul(np.zeros((0, 8), "float32"), *_args(state))
+    assert tuple(out.shape) == (0, 4)
+
+
+def test_active_path_is_reported():
+    name, reason = qops.active_path()
+    assert name == "reference" and "keras.ops" in reason
