@@ -14,6 +14,7 @@ from keras import ops
 
 from keras_qlora import ops as qops
 from keras_qlora.quantizers import NF4State
+from keras_qlora.quantizers import quantize_nf4
 from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
 from keras_qlora.quantizers.state import check_block_size
 from keras_qlora.quantizers.state import num_blocks
@@ -170,6 +171,85 @@ class QLoRALayerBase(keras.layers.Layer):
         b = ops.cast(self.lora_b, self.compute_dtype)
         delta = ops.matmul(ops.matmul(h, a), b)  # (M, K) @ (K, r) @ (r, N)
         return y + ops.cast(self.lora_scale, self.compute_dtype) * delta
+
+    # -- construction from a float layer --------------------------------------
+
+    # Set by subclasses: the Keras layer type they replace.
+    SOURCE_TYPE = None
+
+    @classmethod
+    def from_layer(
+        cls,
+        layer,
+        rank=None,
+        lora_alpha=16.0,
+        lora_dropout=0.0,
+        use_rslora=False,
+        block_size=64,
+        double_quant=True,
+        scale_search=True,
+        quantize=True,
+    ):
+        """Builds the QLoRA version of a built float layer.
+
+        Args:
+            layer: the float layer (`SOURCE_TYPE`); it is left unchanged.
+            rank: LoRA rank, or None for no adapter.
+            lora_alpha, lora_dropout, use_rslora: LoRA settings.
+            block_size, double_quant, scale_search: NF4 settings, as in
+                `keras_qlora.quantizers.quantize_nf4`.
+            quantize: when False, only the structure is built (weights are
+                zeros), for loading saved weights into it.
+
+        Returns:
+            A built layer with the same name, dtype policy, bias and
+            activation, whose NF4 kernel is the quantized float kernel.
+
+        Raises:
+            TypeError: a layer of another type, or a non-float kernel.
+            ValueError: an unbuilt layer, a NaN/Inf kernel, bad settings.
+        """
+        if not isinstance(layer, cls.SOURCE_TYPE):
+            raise TypeError(
+                f"{cls.__name__}.from_layer expects a "
+                f"keras.layers.{cls.SOURCE_TYPE.__name__}. Received: "
+                f"{type(layer).__name__} '{getattr(layer, 'name', '')}'"
+            )
+        check_source_layer(layer)
+        value = check_source_kernel(layer, layer.kernel) if quantize else None
+        new = cls(
+            **cls._config_from_source(layer),
+            rank=rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            use_rslora=use_rslora,
+            block_size=block_size,
+            double_quant=double_quant,
+            name=layer.name,
+            dtype=layer.dtype_policy,
+        )
+        new.build(new._source_input_shape(layer))
+        if quantize:
+            kernel_2d = new._kernel_to_2d(value)
+            new.set_nf4_state(
+                quantize_nf4(kernel_2d, block_size, double_quant, scale_search)
+            )
+            if new.bias is not None:
+                new.bias.assign(ops.reshape(layer.bias, new.bias.shape))
+        return new
+
+    @classmethod
+    def _config_from_source(cls, layer):
+        """Constructor arguments (besides LoRA/NF4 ones) taken from `layer`."""
+        raise NotImplementedError
+
+    def _source_input_shape(self, layer):
+        """The shape to build with, from the float layer."""
+        raise NotImplementedError
+
+    def _kernel_to_2d(self, kernel):
+        """The float kernel (numpy) as the `[K, N]` matrix to quantize."""
+        return kernel
 
     # -- NF4 state ------------------------------------------------------------
 

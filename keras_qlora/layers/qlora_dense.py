@@ -4,9 +4,6 @@ import keras
 from keras import ops
 
 from keras_qlora.layers.base import QLoRALayerBase
-from keras_qlora.layers.base import check_source_kernel
-from keras_qlora.layers.base import check_source_layer
-from keras_qlora.quantizers import quantize_nf4
 
 
 @keras.saving.register_keras_serializable(package="keras_qlora")
@@ -33,6 +30,8 @@ class QLoRADense(QLoRALayerBase):
     >>> layer(ops.ones((2, 128))).shape
     (2, 64)
     """
+
+    SOURCE_TYPE = keras.layers.Dense
 
     def __init__(self, units, activation=None, use_bias=True, **kwargs):
         super().__init__(**kwargs)
@@ -85,64 +84,12 @@ class QLoRADense(QLoRALayerBase):
         return config
 
     @classmethod
-    def from_layer(
-        cls,
-        layer,
-        rank=None,
-        lora_alpha=16.0,
-        lora_dropout=0.0,
-        use_rslora=False,
-        block_size=64,
-        double_quant=True,
-        scale_search=True,
-        quantize=True,
-    ):
-        """Builds a `QLoRADense` from a built `keras.layers.Dense`.
+    def _config_from_source(cls, layer):
+        return {
+            "units": layer.units,
+            "activation": layer.activation,
+            "use_bias": layer.use_bias,
+        }
 
-        Args:
-            layer: the float Dense layer (left unchanged).
-            rank: LoRA rank, or None for no adapter.
-            lora_alpha, lora_dropout, use_rslora: LoRA settings.
-            block_size, double_quant, scale_search: NF4 settings, as in
-                `keras_qlora.quantizers.quantize_nf4`.
-            quantize: when False, only the structure is built (weights are
-                zeros), for loading saved weights into it.
-
-        Returns:
-            A built `QLoRADense` with the same name, dtype policy, bias and
-            activation.
-
-        Raises:
-            TypeError: not a Dense layer, or a non-float kernel.
-            ValueError: unbuilt layer, NaN/Inf kernel, bad settings.
-        """
-        if not isinstance(layer, keras.layers.Dense):
-            raise TypeError(
-                "QLoRADense.from_layer expects a keras.layers.Dense. "
-                f"Received: {type(layer).__name__} "
-                f"'{getattr(layer, 'name', '')}'"
-            )
-        check_source_layer(layer)
-        kernel = layer.kernel
-        value = check_source_kernel(layer, kernel) if quantize else None
-        new = cls(
-            units=layer.units,
-            activation=layer.activation,
-            use_bias=layer.use_bias,
-            rank=rank,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            use_rslora=use_rslora,
-            block_size=block_size,
-            double_quant=double_quant,
-            name=layer.name,
-            dtype=layer.dtype_policy,
-        )
-        new.build((None, int(kernel.shape[0])))
-        if quantize:
-            new.set_nf4_state(
-                quantize_nf4(value, block_size, double_quant, scale_search)
-            )
-            if layer.use_bias:
-                new.bias.assign(layer.bias)
-        return new
+    def _source_input_shape(self, layer):
+        return (None, int(layer.kernel.shape[0]))

@@ -4,10 +4,7 @@ import keras
 from keras import ops
 
 from keras_qlora.layers.base import QLoRALayerBase
-from keras_qlora.layers.base import check_source_kernel
-from keras_qlora.layers.base import check_source_layer
 from keras_qlora.layers.einsum_plan import plan_einsum
-from keras_qlora.quantizers import quantize_nf4
 
 
 @keras.saving.register_keras_serializable(package="keras_qlora")
@@ -35,6 +32,8 @@ class QLoRAEinsumDense(QLoRALayerBase):
     >>> layer(ops.ones((2, 5, 64))).shape
     (2, 5, 4, 16)
     """
+
+    SOURCE_TYPE = keras.layers.EinsumDense
 
     def __init__(
         self,
@@ -88,54 +87,16 @@ class QLoRAEinsumDense(QLoRALayerBase):
         return config
 
     @classmethod
-    def from_layer(
-        cls,
-        layer,
-        rank=None,
-        lora_alpha=16.0,
-        lora_dropout=0.0,
-        use_rslora=False,
-        block_size=64,
-        double_quant=True,
-        scale_search=True,
-        quantize=True,
-    ):
-        """Builds a `QLoRAEinsumDense` from a built `keras.layers.EinsumDense`.
+    def _config_from_source(cls, layer):
+        return {
+            "equation": layer.equation,
+            "kernel_shape": tuple(layer.kernel.shape),
+            "activation": layer.activation,
+            "bias_axes": layer.bias_axes,
+        }
 
-        Same arguments and errors as `QLoRADense.from_layer`; additionally
-        raises ValueError, naming the equation, when it does not reduce to a
-        matmul.
-        """
-        if not isinstance(layer, keras.layers.EinsumDense):
-            raise TypeError(
-                "QLoRAEinsumDense.from_layer expects a "
-                "keras.layers.EinsumDense. Received: "
-                f"{type(layer).__name__} '{getattr(layer, 'name', '')}'"
-            )
-        check_source_layer(layer)
-        kernel = layer.kernel
-        plan = plan_einsum(layer.equation, kernel.shape)
-        value = check_source_kernel(layer, kernel) if quantize else None
-        new = cls(
-            equation=layer.equation,
-            kernel_shape=tuple(kernel.shape),
-            activation=layer.activation,
-            bias_axes=layer.bias_axes,
-            rank=rank,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            use_rslora=use_rslora,
-            block_size=block_size,
-            double_quant=double_quant,
-            name=layer.name,
-            dtype=layer.dtype_policy,
-        )
-        new.build(None)
-        if quantize:
-            kernel_2d = ops.convert_to_numpy(plan.kernel_to_2d(value))
-            new.set_nf4_state(
-                quantize_nf4(kernel_2d, block_size, double_quant, scale_search)
-            )
-            if new.bias is not None:
-                new.bias.assign(ops.reshape(layer.bias, new.bias.shape))
-        return new
+    def _source_input_shape(self, layer):
+        return None  # the kernel shape is in the config
+
+    def _kernel_to_2d(self, kernel):
+        return ops.convert_to_numpy(self.plan.kernel_to_2d(kernel))
