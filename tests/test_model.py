@@ -174,3 +174,23 @@ def test_loading_into_a_mismatched_structure_fails_clearly(tmp_path):
 def dtype_policy_guard():
     yield
     keras.config.set_dtype_policy("float32")
+
+
+def test_round_trip_of_a_functional_model_with_a_trainable_head(tmp_path):
+    inp = keras.Input((24,))
+    h = keras.layers.Dense(32, activation="relu", name="query")(inp)
+    out = keras.layers.Dense(3, name="head")(h)
+    q = keras_qlora.apply(
+        keras.Model(inp, out), rank=4, modules_to_save=["head"], verbose=False
+    )
+    x, _ = _task()
+    path = os.path.join(tmp_path, "functional.keras")
+    q.save(path)
+    restored = keras.saving.load_model(path)
+    np.testing.assert_array_equal(restored(x), q(x))
+    assert [v.path for v in restored.trainable_variables] == [
+        "query/lora_a",
+        "query/lora_b",
+        "head/kernel",
+        "head/bias",
+    ]
