@@ -11,6 +11,8 @@ a `.keras` round trip keeps the 4-bit packing and the separate LoRA weights.
 import keras
 
 from keras_qlora import convert
+from keras_qlora import surgery
+from keras_qlora.layers import QLoRALayerBase
 
 # Settings that define the structure; selectors are not stored (the exact
 # replaced paths are), so callables and regexes never need serializing.
@@ -50,6 +52,19 @@ class QLoRAModel(keras.Model):
 
     def call(self, inputs, training=None):
         return self.base_model(inputs, training=training)
+
+    def qlora_layers(self, lora_only=False) -> dict:
+        """`{path: layer}` of the QLoRA layers, paths as in `summary()`.
+
+        Args:
+            lora_only: only the layers that carry a LoRA adapter.
+        """
+        return {
+            entry.path: entry.layer
+            for entry in surgery.walk(self.base_model)
+            if isinstance(entry.layer, QLoRALayerBase)
+            and (entry.layer.has_lora or not lora_only)
+        }
 
     def get_config(self):
         report = self.qlora_report

@@ -78,17 +78,18 @@ def summary(model, print_fn=print) -> str:
     >>> text = keras_qlora.summary(model)  # doctest: +SKIP
     """
     info = collect(model)
+    width = max([len("layer")] + [len(i["path"]) for i in info["layers"]])
     rows = [
         f"keras_qlora summary: {model.name}",
-        f"{'layer':<58} {'type':<17} {'[K, N]':>13} {'LoRA':>6} {'bits':>6}",
+        f"{'layer':<{width}}  {'type':<16} {'[K, N]':>13} {'LoRA':>6} "
+        f"{'bits':>6}",
     ]
     for item in info["layers"]:
         k, n = item["shape"]
+        lora = f"r={item['rank']}" if item["rank"] else "-"
         rows.append(
-            f"{item['path'][-58:]:<58} {item['type']:<17} "
-            f"{f'[{k}, {n}]':>13} "
-            f"{('r=' + str(item['rank'])) if item['rank'] else '-':>6} "
-            f"{item['bits_per_weight']:>6.3f}"
+            f"{item['path']:<{width}}  {item['type']:<16} "
+            f"{f'[{k}, {n}]':>13} {lora:>6} {item['bits_per_weight']:>6.3f}"
         )
     lora = sum(1 for i in info["layers"] if i["rank"])
     total, trainable = info["total_params"], info["trainable_params"]

@@ -42,7 +42,8 @@ def apply(
     `modules_to_save`) accept:
     - a list/tuple of strings: exact layer name or suffix of the layer path
       (`"query"`, `"transformer_layer_0/self_attention/query"`);
-    - a single string: a regular expression, full-matched against paths;
+    - a single string: a regular expression, full-matched against the path
+      or the layer name;
     - a compiled `re.Pattern` (full match on paths);
     - a callable `(path, layer) -> bool`;
     - `"all-linear"`: every Dense/EinsumDense except output heads sized to a
@@ -199,7 +200,10 @@ def _matcher(selector) -> Callable:
                 f"expression ({e}). Pass a list of names for exact/suffix "
                 "matching."
             ) from None
-        return lambda path, layer: pattern.fullmatch(path) is not None
+        return lambda path, layer: (
+            pattern.fullmatch(path) is not None
+            or pattern.fullmatch(layer.name) is not None
+        )
     if callable(selector):
         return lambda path, layer: bool(selector(path, layer))
     if isinstance(selector, (list, tuple, set, frozenset)):

@@ -49,8 +49,11 @@ def to_bitsandbytes(state_or_layer: Any, prefix: str = "weight") -> dict:
         prefix: the weight's key, e.g. `"model.layers.0.mlp.up_proj.weight"`.
 
     Returns:
-        A dict of numpy arrays with bitsandbytes' keys (see module doc). Pass
-        them through `torch.from_numpy` to load them into a `Linear4bit`.
+        A dict of numpy arrays with bitsandbytes' keys (see module doc), as
+        in a saved `Linear4bit` state_dict. To rebuild the torch parameter,
+        convert them with `torch.from_numpy` and pass the weight and the
+        other entries (prefix stripped) to
+        `bitsandbytes.nn.Params4bit.from_prequantized`.
 
     Raises:
         TypeError: neither an `NF4State` nor a QLoRA layer.

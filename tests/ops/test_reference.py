@@ -85,3 +85,35 @@ def test_zero_rows():
 def test_active_path_is_reported():
     name, reason = qops.active_path()
     assert name == "reference" and "keras.ops" in reason
+
+
+def test_backward_dequantizes_again_instead_of_keeping_the_float_kernel():
+    """Gradient graph: one dequantization forward, one more backward.
+
+    Plain autodiff of dequantize-then-matmul would save the float kernel
+    from the forward pass (one dequantization in the whole graph) and keep
+    K * N floats per layer alive until the backward pass.
+    """
+    rng = np.random.default_rng(2)
+    state = quantize_nf4(rng.standard_normal((64, 32)).astype("float32"))
+    absmax_scale = tf.Variable(state.absmax_scale)
+    args = list(_args(state))
+    args[2] = absmax_scale
+
+    @tf.function
+    def grad_x(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = qops.nf4_matmul(x, *args)
+        return tape.gradient(y, x)
+
+    x = tf.constant(rng.standard_normal((3, 64)).astype("float32"))
+    graph = grad_x.get_concrete_function(x).graph
+    shifts = [op for op in graph.get_operations() if op.type == "RightShift"]
+    assert len(shifts) == 2
+    with tf.GradientTape() as tape:
+        y = qops.nf4_matmul(x, *args)
+    assert tape.gradient(y, absmax_scale) is None
+    np.testing.assert_allclose(
+        grad_x(x), np.ones((3, 32)) @ dequantize_nf4(state).T, atol=1e-4
+    )

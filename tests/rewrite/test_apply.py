@@ -36,6 +36,13 @@ def _functional():
     return keras.Model(inp, out)
 
 
+def _two_encoders():
+    inp = keras.Input((32,))
+    h = keras_hub.layers.TransformerEncoder(16, 2, name="enc0")(inp[:, None])
+    h = keras_hub.layers.TransformerEncoder(16, 2, name="enc1")(h)
+    return keras.Model(inp, h)
+
+
 class _Subclassed(keras.Model):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -176,18 +183,35 @@ def test_target_selectors(selector, expected):
 
 
 def test_path_suffix_and_quantize_only_targets():
-    inp = keras.Input((32,))
-    h = keras_hub.layers.TransformerEncoder(16, 2, name="enc0")(inp[:, None])
-    h = keras_hub.layers.TransformerEncoder(16, 2, name="enc1")(h)
-    model = keras.Model(inp, h)
     q = keras_qlora.apply(
-        model,
+        _two_encoders(),
         rank=2,
         target_modules=["enc1/self_attention_layer/query"],
         quantize_modules=None,
         verbose=False,
     )
     assert list(_qlora_layers(q)) == ["enc1/self_attention_layer/query"]
+
+
+def test_single_string_is_a_regex_on_paths_and_names():
+    q = keras_qlora.apply(
+        _two_encoders(), rank=2, target_modules="query", verbose=False
+    )
+    assert sorted(q.qlora_layers(lora_only=True)) == [
+        "enc0/self_attention_layer/query",
+        "enc1/self_attention_layer/query",
+    ]
+    q = keras_qlora.apply(
+        _two_encoders(),
+        rank=2,
+        target_modules=r"enc1/.*/(key|value)",
+        quantize_modules=None,
+        verbose=False,
+    )
+    assert sorted(q.qlora_layers()) == [
+        "enc1/self_attention_layer/key",
+        "enc1/self_attention_layer/value",
+    ]
 
 
 def test_exclude_modules_and_vocabulary_head():
