@@ -136,9 +136,9 @@ def rewrite(model, settings, verbose=False):
             f"in the model. Its Dense/EinsumDense layers are: {names}"
         )
     plan = [(f, id(f.layer) in targets) for f in linear if id(f.layer) in quant]
+    saved_paths = [f.path for f in found if id(f.layer) in saved]
     start = time.perf_counter()
     replaced = convert.execute(plan, settings, quantize=True, verbose=verbose)
-    saved_paths = [f.path for f in found if id(f.layer) in saved]
     convert.freeze(model, saved_paths)
     return {
         "replaced": replaced,
