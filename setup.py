@@ -1,5 +1,47 @@
-"""Build script; all metadata lives in setup.cfg."""
+"""Build script; metadata lives in setup.cfg.
+
+`build_py` also ships the C++ sources of the fused op inside the package
+(`keras_qlora/_custom_ops`) and, when TensorFlow is importable in the build
+environment (e.g. `pip install --no-build-isolation .`), compiles the op
+library into the package. Otherwise, or when it is built for another
+TensorFlow, the library is compiled on first use into a cache (see
+keras_qlora/ops/_library.py).
+"""
+
+import importlib.util
+import pathlib
+import shutil
+import sys
 
 import setuptools
+from setuptools.command.build_py import build_py
 
-setuptools.setup()
+ROOT = pathlib.Path(__file__).resolve().parent
+
+
+class BuildPyWithOps(build_py):
+    def run(self):
+        super().run()
+        if self.editable_mode:
+            return  # the source tree is used in place
+        package = pathlib.Path(self.build_lib) / "keras_qlora"
+        target = package / "_custom_ops"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(ROOT / "custom_ops", target)
+        if importlib.util.find_spec("tensorflow") is None:
+            print("keras_qlora: TensorFlow not importable at build time; the "
+                  "fused op will be compiled on first use.", file=sys.stderr)
+            return
+        spec = importlib.util.spec_from_file_location(
+            "_kq_library", package / "ops" / "_library.py")
+        library = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(library)
+        try:
+            path = library.write_prebuilt(package / "ops")
+            print(f"keras_qlora: built {path}", file=sys.stderr)
+        except Exception as err:  # leave it to the first-use build
+            print(f"keras_qlora: could not prebuild the fused op ({err}); "
+                  "it will be compiled on first use.", file=sys.stderr)
+
+
+setuptools.setup(cmdclass={"build_py": BuildPyWithOps})

@@ -6,6 +6,8 @@ to the target layers; train with `model.fit`.
 """
 
 from keras_qlora import interop
+from keras_qlora.export import export
+from keras_qlora.export import load_saved_model
 from keras_qlora import quantizers
 from keras_qlora import report
 from keras_qlora.layers import QLoRADense
@@ -26,7 +28,9 @@ __all__ = [
     "QLoRAModel",
     "apply",
     "dequantize_nf4",
+    "export",
     "interop",
+    "load_saved_model",
     "quantize_nf4",
     "quantizers",
     "report",

@@ -1,28 +1,45 @@
 """The single entry point for every 4-bit matmul in keras_qlora.
 
-Layers call `nf4_matmul`; nothing else multiplies by an NF4 weight. Today it
-runs the pure `keras.ops` reference (dequantize, then matmul). The fused
-TensorFlow op (custom_ops/) plugs in here without any change to the layers.
+Layers call `nf4_matmul`; nothing else multiplies by an NF4 weight. On
+TensorFlow it runs the fused C++ op `KerasQLoRA>NF4Matmul` (custom_ops/),
+which never materializes the float weight; its input gradient is the same op
+with `transpose=True`, registered below at import. When the op library
+cannot be built or loaded, or `KERAS_QLORA_PURE_TF=1`, it runs the pure
+`keras.ops` reference (dequantize, then matmul) and warns once.
 
-On TensorFlow the product carries its own gradient: the input gradient is
-the transposed product `dy @ W^T`, dequantizing again in the backward pass,
-so autodiff never keeps a layer's float kernel alive from the forward pass
-to the backward pass (which would undo the memory QLoRA saves). No gradient
-flows to the 4-bit state.
+The reference path also carries its own gradient on TensorFlow: the input
+gradient dequantizes again in the backward pass, so autodiff never keeps a
+layer's float kernel alive from the forward pass to the backward pass. No
+gradient flows to the 4-bit state on either path.
 """
+
+import os
+import warnings
 
 import keras
 
+from keras_qlora.ops import _library
 from keras_qlora.ops.reference import dequantize_transposed
 from keras_qlora.ops.reference import nf4_matmul_reference
+
+OP_TYPE = "KerasQLoRA>NF4Matmul"
+_warned = []
+
+
+def fused_library():
+    """The loaded op module, or None (building it on first use)."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    return _library.load()
 
 
 def active_path() -> tuple:
     """Returns `(name, reason)` of the implementation `nf4_matmul` uses."""
-    return (
-        "reference",
-        "pure keras.ops dequantize + matmul (the fused op is not built yet)",
-    )
+    if keras.backend.backend() != "tensorflow":
+        return ("reference", f"Keras backend is {keras.backend.backend()}")
+    if fused_library() is not None:
+        return ("fused", f"C++ op library {_library.status()['path']}")
+    return ("reference", _library.status()["reason"])
 
 
 def nf4_matmul(
@@ -56,10 +73,34 @@ def nf4_matmul(
         return nf4_matmul_reference(
             x, *state, shape, block_size, transpose=transpose
         )
-    return _tf_nf4_matmul(x, state, shape, block_size, transpose)
+    lib = fused_library()
+    if lib is not None:
+        return _fused(lib, x, state, shape, block_size, transpose)
+    _warn_fallback()
+    return _reference_with_gradient(x, state, shape, block_size, transpose)
 
 
-def _tf_nf4_matmul(x, state, shape, block_size, transpose):
+def _fused(lib, x, state, shape, block_size, transpose):
+    import tensorflow as tf
+
+    packed, absmax, absmax_scale, absmax_offset = state
+    if absmax_scale is None:
+        absmax_scale = tf.zeros((0,), tf.float32)
+        absmax_offset = tf.zeros((), tf.float32)
+    return lib.keras_q_lo_ra_nf4_matmul(
+        x,
+        packed,
+        absmax,
+        absmax_scale,
+        absmax_offset,
+        k=shape[0],
+        n=shape[1],
+        block_size=block_size,
+        transpose=transpose,
+    )
+
+
+def _reference_with_gradient(x, state, shape, block_size, transpose):
     import tensorflow as tf
 
     # Read variables outside the custom-gradient function, behind
@@ -84,3 +125,52 @@ def _tf_nf4_matmul(x, state, shape, block_size, transpose):
         return product(tf.stop_gradient(inputs), transpose), grad
 
     return forward(x)
+
+
+def _warn_fallback():
+    if _warned or os.environ.get("KERAS_QLORA_PURE_TF") == "1":
+        return
+    _warned.append(True)
+    warnings.warn(
+        "keras_qlora: the fused NF4 op is not available "
+        f"({_library.status()['reason']}); using the pure TensorFlow path, "
+        "which dequantizes each kernel per call (slower, more memory). "
+        "Run `python -m keras_qlora.ops --build` to see the build error, or "
+        "set KERAS_QLORA_PURE_TF=1 to choose the pure path silently.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _register_gradient():
+    """Input gradient of the fused op: the transposed product."""
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    @tf.RegisterGradient(OP_TYPE)
+    def _nf4_matmul_grad(op, dy):
+        lib = _library.load()
+        dx = lib.keras_q_lo_ra_nf4_matmul(
+            dy,
+            *op.inputs[1:],
+            k=op.get_attr("k"),
+            n=op.get_attr("n"),
+            block_size=op.get_attr("block_size"),
+            transpose=not op.get_attr("transpose"),
+        )
+        return [dx, None, None, None, None]
+
+
+try:
+    _register_gradient()
+except KeyError:  # registered already (module re-imported)
+    pass
+
+__all__ = [
+    "OP_TYPE",
+    "active_path",
+    "dequantize_transposed",
+    "fused_library",
+    "nf4_matmul",
+]
