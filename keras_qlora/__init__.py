@@ -6,10 +6,10 @@ to the target layers; train with `model.fit`.
 """
 
 from keras_qlora import interop
-from keras_qlora.export import export
-from keras_qlora.export import load_saved_model
 from keras_qlora import quantizers
 from keras_qlora import report
+from keras_qlora.export import export
+from keras_qlora.export import load_saved_model
 from keras_qlora.layers import QLoRADense
 from keras_qlora.layers import QLoRAEinsumDense
 from keras_qlora.model import QLoRAModel
