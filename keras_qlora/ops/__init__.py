@@ -24,13 +24,45 @@ from keras_qlora.ops.reference import nf4_matmul_reference
 
 OP_TYPE = "KerasQLoRA>NF4Matmul"
 _warned = []
+_checked = []
 
 
 def fused_library():
-    """The loaded op module, or None (building it on first use)."""
+    """The loaded op module, or None (building it on first use).
+
+    The first time, the op also runs a tiny self-test against the reference;
+    a library that loads but lacks a kernel (or computes wrong results) is
+    not used.
+    """
     if keras.backend.backend() != "tensorflow":
         return None
-    return _library.load()
+    lib = _library.load()
+    if lib is None:
+        return None
+    if not _checked:
+        _checked.append(_self_test(lib))
+    return lib if _checked[0] else None
+
+
+def _self_test(lib):
+    import numpy as np
+
+    from keras_qlora.quantizers import quantize_nf4
+
+    try:
+        rng = np.random.default_rng(0)
+        state = quantize_nf4(rng.standard_normal((70, 3)).astype("float32"))
+        x = rng.standard_normal((2, 70)).astype("float32")
+        args = (state.packed, state.absmax, state.absmax_scale)
+        args += (np.float32(state.absmax_offset),)
+        got = _fused(lib, x, args, state.shape, state.block_size, False)
+        want = nf4_matmul_reference(x, *args, state.shape, state.block_size)
+        if not np.allclose(np.asarray(got), np.asarray(want), atol=1e-4):
+            raise ValueError("results differ from the reference")
+    except Exception as err:
+        _library.mark_failed(f"self-test of the fused op failed: {err}")
+        return False
+    return True
 
 
 def active_path() -> tuple:

@@ -162,6 +162,14 @@ def status() -> dict:
     )
 
 
+def mark_failed(reason: str):
+    """Records that the loaded library must not be used, and why."""
+    with _lock:
+        _state["reason"] = reason
+        _state["path"] = None
+        _state["module"] = None
+
+
 def write_prebuilt(package_ops_dir: pathlib.Path) -> pathlib.Path:
     """Builds the library into the package with a stamp (install time)."""
     package_ops_dir = pathlib.Path(package_ops_dir)
