@@ -231,12 +231,32 @@ def _search_scales(w: np.ndarray, absmax: np.ndarray) -> np.ndarray:
     for start in range(0, w.shape[0], rows):
         sl = slice(start, start + rows)
         wc, am = w[sl], absmax[sl]
-        best_err = np.full(am.shape, np.inf, dtype=np.float32)
+        best_err = np.full(am.shape, np.inf, dtype=np.float64)
         for frac in SCALE_SEARCH_GRID:
             s = (am * frac).astype(np.float32)
             idx = _nearest_indices(wc, s)
-            err = np.square(wc - codes.NF4_CODE[idx] * s[:, None]).sum(axis=1)
+            err = _block_sse(wc - codes.NF4_CODE[idx] * s[:, None])
+            # Strict `<`: on equal error the earlier candidate (larger
+            # scale, 1.0 first) wins.
             better = err < best_err
             best_err[better] = err[better]
             best[sl][better] = s[better]
     return best
+
+
+def _block_sse(diff: np.ndarray) -> np.ndarray:
+    """Squared error of every block of `diff` [blocks, bs] (float32).
+
+    The summation order is part of the format's definition, so that the C++
+    quantizer (custom_ops/kernels/nf4_quantize_kernels.cc) picks the same
+    scales bit for bit: `diff` is `w - code * s` rounded twice in float32
+    (numpy never fuses it into an fma), each difference is squared in
+    float64 (exact: 24-bit mantissas) and a block's squares are added one
+    after the other, first element first, in float64. numpy's `sum` would
+    use a pairwise order that depends on its version and SIMD width.
+    """
+    squares = np.square(diff.T, dtype=np.float64)  # (bs, blocks)
+    err = squares[0].copy()
+    for column in squares[1:]:
+        err += column
+    return err
