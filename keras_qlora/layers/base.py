@@ -13,8 +13,8 @@ import numpy as np
 from keras import ops
 
 from keras_qlora import ops as qops
+from keras_qlora.ops.quantize import quantize_nf4_fused
 from keras_qlora.quantizers import NF4State
-from keras_qlora.quantizers import quantize_nf4
 from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
 from keras_qlora.quantizers.state import check_block_size
 from keras_qlora.quantizers.state import num_blocks
@@ -231,8 +231,11 @@ class QLoRALayerBase(keras.layers.Layer):
         new.build(new._source_input_shape(layer))
         if quantize:
             kernel_2d = new._kernel_to_2d(value)
+            # The C++ quantizer when built (bit-identical, ~50x faster).
             new.set_nf4_state(
-                quantize_nf4(kernel_2d, block_size, double_quant, scale_search)
+                quantize_nf4_fused(
+                    kernel_2d, block_size, double_quant, scale_search
+                )
             )
             if new.bias is not None:
                 new.bias.assign(ops.reshape(layer.bias, new.bias.shape))
