@@ -100,6 +100,7 @@ def nf4_matmul(
     Returns:
         A tensor of x's dtype with last axis N (K when `transpose`).
     """
+    _check_dtypes(x, packed, absmax, absmax_scale, absmax_offset)
     state = (packed, absmax, absmax_scale, absmax_offset)
     if keras.backend.backend() != "tensorflow":
         return nf4_matmul_reference(
@@ -110,6 +111,28 @@ def nf4_matmul(
         return _fused(lib, x, state, shape, block_size, transpose)
     _warn_fallback()
     return _reference_with_gradient(x, state, shape, block_size, transpose)
+
+
+_ALLOWED_DTYPES = (
+    ("x", ("float32", "bfloat16", "float16")),
+    ("packed", ("uint8",)),
+    ("absmax", ("float32", "uint8")),
+    ("absmax_scale", ("float32",)),
+    ("absmax_offset", ("float32",)),
+)
+
+
+def _check_dtypes(*tensors):
+    """TypeError naming the argument, before anything is cast silently."""
+    for (name, allowed), value in zip(_ALLOWED_DTYPES, tensors, strict=True):
+        if value is None and name in ("absmax_scale", "absmax_offset"):
+            continue
+        dtype = keras.backend.standardize_dtype(getattr(value, "dtype", None))
+        if dtype not in allowed:
+            raise TypeError(
+                f"nf4_matmul: {name} must have dtype in {allowed}. "
+                f"Received: {name}.dtype={dtype}"
+            )
 
 
 def _fused(lib, x, state, shape, block_size, transpose):

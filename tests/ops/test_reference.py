@@ -126,3 +126,20 @@ def test_backward_dequantizes_again_instead_of_keeping_the_float_kernel():
     np.testing.assert_allclose(
         grad_x(x), np.ones((3, 32)) @ dequantize_nf4(state).T, atol=1e-4
     )
+
+
+@pytest.mark.parametrize(
+    "position, bad, message",
+    [
+        (0, np.zeros((2, 8), "int32"), "x must have dtype"),
+        (1, np.zeros(16, "float32"), "packed must have dtype"),
+        (2, np.zeros(1, "int8"), "absmax must have dtype"),
+        (3, np.zeros(1, "float64"), "absmax_scale must have dtype"),
+    ],
+)
+def test_entry_point_rejects_wrong_dtypes(position, bad, message):
+    state = quantize_nf4(np.ones((8, 4), "float32"))
+    args = [np.ones((2, 8), "float32"), *_args(state)]
+    args[position] = bad
+    with pytest.raises(TypeError, match=message):
+        qops.nf4_matmul(*args)
