@@ -28,9 +28,9 @@ from keras_qlora.ops.reference import nf4_matmul_reference  # noqa: E402
 from keras_qlora.quantizers import quantize_nf4  # noqa: E402
 
 FULL_SHAPES = [(4096, 4096), (4096, 11008)]
-FULL_ROWS = [1, 4, 16, 128, 512, 2048]
+FULL_ROWS = [1, 4, 16, 32, 128, 512, 2048]
 QUICK_SHAPES = [(4096, 4096)]
-QUICK_ROWS = [1, 16, 512]
+QUICK_ROWS = [1, 16, 32, 512]
 
 
 def median_ms(fn, min_reps=5, budget_s=3.0):

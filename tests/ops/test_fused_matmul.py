@@ -28,7 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 InvalidArgumentError = tf.errors.InvalidArgumentError
 
 # (batch shape of x, K, N, block_size, double_quant, transpose, dtype).
-# M <= 8 runs the GEMV path, larger M the tiled GEMM path; K % 32 != 0
+# Small M runs the GEMV path, larger M the tiled GEMM path; K % 32 != 0
 # runs the natural-order decoder, K % 32 == 0 the SIMD chunk-order one.
 CASES = [
     ((1,), 64, 64, 64, True, False, "float32"),
@@ -53,6 +53,16 @@ CASES = [
     ((50,), 33, 71, 32, True, True, "float16"),
     ((6,), 65, 33, 64, False, False, "float16"),
     ((45,), 160, 96, 128, False, True, "bfloat16"),
+    # M in 9..20 with K % 32 == 0: the register-decoding GEMV on AVX-512
+    # (tiles of 8 x rows x 2 weight rows, K blocks of 1024); GEMM for larger
+    # M and on the other ISAs.
+    ((9,), 64, 64, 64, True, False, "float32"),
+    ((16,), 2048, 33, 64, False, False, "float32"),  # 2 K blocks, odd N
+    ((2, 9), 96, 40, 32, True, False, "bfloat16"),
+    ((19,), 160, 7, 128, True, False, "float16"),
+    ((20,), 1056, 18, 256, False, False, "float32"),  # partial K block
+    ((21,), 64, 20, 64, True, False, "float32"),  # first M past the GEMV
+    ((32,), 96, 40, 64, True, False, "float32"),
     ((0,), 64, 32, 64, True, False, "float32"),  # M = 0
     ((2, 0), 64, 32, 64, False, True, "bfloat16"),
 ]
@@ -110,9 +120,7 @@ def check_case(lib, batch, k, n, block_size, double_quant, transpose, dtype):
     """Runs one case and asserts it matches the float64 oracle."""
     state = make_state(k, n, block_size, double_quant, seed=k * n)
     rng = np.random.default_rng(k + n)
-    x = tf.cast(
-        rng.standard_normal(batch + (n if transpose else k,)), dtype
-    )
+    x = tf.cast(rng.standard_normal(batch + (n if transpose else k,)), dtype)
     y = run_op(lib, x, state, transpose)
     assert y.dtype == x.dtype
     assert tuple(y.shape) == tuple(batch) + (k if transpose else n,)
@@ -157,7 +165,9 @@ def test_matches_pure_reference(lib, transpose, m):
         state.block_size,
         transpose=transpose,
     )
-    np.testing.assert_allclose(y.numpy(), expected.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        y.numpy(), expected.numpy(), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_double_quant_scales_bitwise(lib):
@@ -202,8 +212,9 @@ def test_fuzz_never_crashes():
 GOOD = dict(k=64, n=32, block_size=64)  # 2048 elements, 32 blocks
 
 
-def call(lib, x=None, packed=None, absmax=None, scale=None, offset=None,
-         **attrs):
+def call(
+    lib, x=None, packed=None, absmax=None, scale=None, offset=None, **attrs
+):
     state = make_state(GOOD["k"], GOOD["n"], GOOD["block_size"], True)
     base = op_args(state)
     args = [
@@ -222,16 +233,21 @@ BAD_DTYPES = [
     ("x int32", dict(x=tf.ones((2, 64), tf.int32)), "attr 'T'"),
     ("absmax int32", dict(absmax=tf.zeros((32,), tf.int32)), "absmax_type"),
     ("packed float", dict(packed=tf.zeros((1024,))), "requested dtype uint8"),
-    ("scale uint8", dict(scale=tf.zeros((1,), tf.uint8)),
-     "requested dtype float32"),
+    (
+        "scale uint8",
+        dict(scale=tf.zeros((1,), tf.uint8)),
+        "requested dtype float32",
+    ),
 ]
 
 
-@pytest.mark.parametrize("kwargs,match", [c[1:] for c in BAD_DTYPES],
-                         ids=[c[0] for c in BAD_DTYPES])
+@pytest.mark.parametrize(
+    "kwargs,match", [c[1:] for c in BAD_DTYPES], ids=[c[0] for c in BAD_DTYPES]
+)
 def test_bad_dtype_is_refused(lib, kwargs, match):
-    with pytest.raises((InvalidArgumentError, TypeError, ValueError),
-                       match=match):
+    with pytest.raises(
+        (InvalidArgumentError, TypeError, ValueError), match=match
+    ):
         call(lib, **kwargs)
 
 
@@ -245,11 +261,17 @@ BAD_INPUTS = [
     ("scale empty", dict(scale=np.ones(0, np.float32)), "absmax_scale must"),
     ("offset vector", dict(offset=np.ones(1, np.float32)), "scalar"),
     ("x last dim", dict(x=np.ones((2, 63), np.float32)), "last axis"),
-    ("x transposed dim", dict(x=np.ones((2, 64), np.float32), transpose=True),
-     "last axis"),
+    (
+        "x transposed dim",
+        dict(x=np.ones((2, 64), np.float32), transpose=True),
+        "last axis",
+    ),
     ("x rank 1", dict(x=np.ones(64, np.float32)), "rank >= 2"),
-    ("k * n mismatch", dict(k=32, n=64 + 2, x=np.ones((1, 32), np.float32)),
-     "packed must"),
+    (
+        "k * n mismatch",
+        dict(k=32, n=64 + 2, x=np.ones((1, 32), np.float32)),
+        "packed must",
+    ),
     ("k zero", dict(k=0), "attr 'k'"),
     ("n negative", dict(n=-3), "attr 'n'"),
     ("block 48", dict(block_size=48), "block_size must be one of"),
@@ -258,8 +280,9 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,match", [c[1:] for c in BAD_INPUTS],
-                         ids=[c[0] for c in BAD_INPUTS])
+@pytest.mark.parametrize(
+    "kwargs,match", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+)
 def test_bad_input_is_invalid_argument(lib, kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
         call(lib, **kwargs)
@@ -269,8 +292,14 @@ def test_float_absmax_ignores_scale_and_offset(lib):
     state = make_state(64, 32, 64, False)
     x = tf.ones((2, 64))
     y = lib.keras_q_lo_ra_nf4_matmul(
-        x, state.packed, state.absmax, np.ones(7, np.float32),
-        np.ones(3, np.float32), k=64, n=32, block_size=64,
+        x,
+        state.packed,
+        state.absmax,
+        np.ones(7, np.float32),
+        np.ones(3, np.float32),
+        k=64,
+        n=32,
+        block_size=64,
     )
     np.testing.assert_allclose(
         y.numpy(), x.numpy() @ dequantize_nf4(state), rtol=1e-5, atol=1e-5
@@ -329,15 +358,23 @@ def worker_fuzz(examples=150):
     lib = load_library()
     counts = {"ok": 0, "invalid": 0, "examples": 0}
 
-    @settings(max_examples=examples, deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(
-        k=st.integers(1, 80), n=st.integers(1, 80), m=st.integers(0, 40),
+        k=st.integers(1, 80),
+        n=st.integers(1, 80),
+        m=st.integers(0, 40),
         block=st.sampled_from([32, 64, 128, 256, 16, 96]),
-        double_quant=st.booleans(), transpose=st.booleans(),
+        double_quant=st.booleans(),
+        transpose=st.booleans(),
         dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
-        deltas=st.lists(st.sampled_from([0, 0, 0, -1, 1, 5]), min_size=4,
-                        max_size=4),
+        deltas=st.lists(
+            st.sampled_from([0, 0, 0, -1, 1, 5]), min_size=4, max_size=4
+        ),
     )
     def fuzz(k, n, m, block, double_quant, transpose, dtype, deltas):
         counts["examples"] += 1
@@ -359,8 +396,15 @@ def worker_fuzz(examples=150):
         )
         try:
             y = lib.keras_q_lo_ra_nf4_matmul(
-                x, packed, absmax, scale, offset, k=k, n=n,
-                block_size=block, transpose=transpose,
+                x,
+                packed,
+                absmax,
+                scale,
+                offset,
+                k=k,
+                n=n,
+                block_size=block,
+                transpose=transpose,
             )
         except InvalidArgumentError as err:
             assert bad, f"unexpected error: {err}"
