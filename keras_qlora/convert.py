@@ -84,10 +84,13 @@ def check_settings(settings):
 def variable_bytes(model, predicate=None):
     """Bytes held by the model's variables (optionally filtered)."""
     return sum(
-        numel(v) * _itemsize(v.dtype)
-        for v in model.weights
-        if predicate is None or predicate(v)
+        nbytes(v) for v in model.weights if predicate is None or predicate(v)
     )
+
+
+def nbytes(variable) -> int:
+    """Bytes held by one variable (bfloat16 counted as 2)."""
+    return numel(variable) * _itemsize(variable.dtype)
 
 
 def _itemsize(dtype):

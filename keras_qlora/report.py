@@ -1,7 +1,5 @@
 """`summary()`: what `apply()` did, and the memory arithmetic, measured."""
 
-import numpy as np
-
 from keras_qlora import convert
 from keras_qlora import surgery
 from keras_qlora.convert import numel
@@ -36,7 +34,7 @@ def collect(model) -> dict:
         nf4_ids.update(id(v) for v in storage)
         if layer.has_lora:
             lora_ids.update(id(v) for v in (layer.lora_a, layer.lora_b))
-        size = sum(numel(v) * v_itemsize(v) for v in storage)
+        size = sum(convert.nbytes(v) for v in storage)
         nf4_weights += k * n
         nf4_bytes += size
         layers.append(
@@ -119,10 +117,6 @@ def summary(model, print_fn=print) -> str:
     if print_fn is not None:
         print_fn(text)
     return text
-
-
-def v_itemsize(variable) -> int:
-    return np.dtype(variable.dtype).itemsize
 
 
 def _nf4_variables(layer):
