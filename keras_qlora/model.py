@@ -13,6 +13,8 @@ import keras
 from keras_qlora import convert
 from keras_qlora import surgery
 from keras_qlora.layers import QLoRALayerBase
+from keras_qlora.training import options as training_options
+from keras_qlora.training import step as training_step
 
 # Settings that define the structure; selectors are not stored (the exact
 # replaced paths are), so callables and regexes never need serializing.
@@ -35,23 +37,63 @@ class QLoRAModel(keras.Model):
     `predict` and `save` work as for any Keras model. Only LoRA variables
     (and `modules_to_save`) are trainable.
 
+    Training: `fit` runs a LoRA-only step (`keras_qlora.training.step`):
+    gradients and optimizer slots exist only for the LoRA matrices and the
+    opted-in variables (`modules_to_save`, `bias`). `compile` applies the
+    `optimizer_8bit` / `offload_optimizer` options of `apply()` to the
+    optimizer it is given.
+
     Args:
         base_model: the edited model that does the computation.
         settings: the `apply()` settings.
         report: what `apply()` did (see `keras_qlora.summary`).
+        training: training options (`bias`, `offload_optimizer`,
+            `optimizer_8bit`, `gradient_checkpointing`), see `apply()`.
     """
 
-    def __init__(self, base_model, settings, report=None, **kwargs):
+    def __init__(
+        self, base_model, settings, report=None, training=None, **kwargs
+    ):
         kwargs.setdefault("name", f"qlora_{base_model.name}")
+        # The wrapper computes in the base model's policy, so compile()
+        # adds loss scaling under mixed_float16.
+        kwargs.setdefault("dtype", base_model.dtype_policy)
         super().__init__(**kwargs)
         self.base_model = base_model
         self.settings = {k: settings[k] for k in _STRUCTURE_KEYS}
         self.qlora_report = dict(report or {})
+        has_lora = any(
+            layer.has_lora for layer in self.qlora_layers().values()
+        )
+        self.training_options = training_options.check_options(
+            dict(training or {}), has_lora
+        )
+        self._apply_training_options()
         if base_model.built:
             self.built = True
 
     def call(self, inputs, training=None):
         return self.base_model(inputs, training=training)
+
+    def compile(self, optimizer="adamw", **kwargs):
+        """As `keras.Model.compile`; the optimizer gets the 8-bit / host
+        offload options given to `apply()`.
+
+        Raises:
+            TypeError: `optimizer_8bit` with an optimizer other than
+                Adam/AdamW, or `offload_optimizer` with an optimizer whose
+                state cannot move to the host.
+        """
+        optimizer = training_options.prepare_optimizer(
+            optimizer, self.training_options
+        )
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def train_step(self, data):
+        variables = training_step.trained_variables(
+            self, self._frozen_variable_ids()
+        )
+        return training_step.lora_train_step(self, data, variables)
 
     def qlora_layers(self, lora_only=False) -> dict:
         """`{path: layer}` of the QLoRA layers, paths as in `summary()`.
@@ -66,8 +108,35 @@ class QLoRAModel(keras.Model):
             and (entry.layer.has_lora or not lora_only)
         }
 
+    def _frozen_variable_ids(self):
+        ids = set()
+        for layer in self.qlora_layers().values():
+            table = dict(layer._variable_table())
+            ids.update(id(v) for n, v in table.items() if n.startswith("nf4"))
+        return ids
+
+    def _apply_training_options(self):
+        opts = self.training_options
+        entries = [
+            (e.layer, isinstance(e.layer, QLoRALayerBase) and e.layer.has_lora)
+            for e in surgery.walk(self.base_model)
+        ]
+        for bias in training_options.bias_variables(entries, opts["bias"]):
+            bias.trainable = True
+        self.remat_paths = []
+        if opts["gradient_checkpointing"] is not False:
+            from keras_qlora.training.remat import enable_gradient_checkpointing
+
+            self.remat_paths = enable_gradient_checkpointing(
+                self.base_model, opts["gradient_checkpointing"]
+            )
+
     def get_config(self):
         report = self.qlora_report
+        training = dict(self.training_options)
+        if training["gradient_checkpointing"] is not False:
+            # Exact paths: selectors (callables, regexes) are not stored.
+            training["gradient_checkpointing"] = list(self.remat_paths)
         return {
             "name": self.name,
             "base_model": keras.saving.serialize_keras_object(self.base_model),
@@ -79,6 +148,7 @@ class QLoRAModel(keras.Model):
             "modules_to_save": list(report.get("modules_to_save", [])),
             "bytes_before": report.get("bytes_before"),
             "params_before": report.get("params_before"),
+            "training": training,
         }
 
     @classmethod
@@ -98,4 +168,10 @@ class QLoRAModel(keras.Model):
             "bytes_before": config.get("bytes_before"),
             "params_before": config.get("params_before"),
         }
-        return cls(base, settings, report=report, name=config.get("name"))
+        return cls(
+            base,
+            settings,
+            report=report,
+            training=config.get("training"),
+            name=config.get("name"),
+        )

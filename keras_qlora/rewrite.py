@@ -17,6 +17,7 @@ from keras_qlora import surgery
 from keras_qlora.convert import numel
 from keras_qlora.layers import QLoRALayerBase
 from keras_qlora.model import QLoRAModel
+from keras_qlora.training import options as training_options
 
 ALL_LINEAR = "all-linear"
 
@@ -34,6 +35,10 @@ def apply(
     double_quant=True,
     scale_search=True,
     use_rslora=False,
+    bias="none",
+    offload_optimizer=False,
+    optimizer_8bit=False,
+    gradient_checkpointing=False,
     verbose=True,
 ):
     """Quantizes `model` to NF4 and adds LoRA adapters; returns the wrapper.
@@ -64,6 +69,17 @@ def apply(
         block_size, double_quant, scale_search: NF4 settings, see
             `keras_qlora.quantizers.quantize_nf4`.
         use_rslora: scale the adapter by alpha / sqrt(r).
+        bias: which biases train, as PEFT's `bias`: "none", "all" (every
+            layer's bias) or "lora_only" (biases of layers with LoRA).
+        offload_optimizer: keep the optimizer state in host memory and
+            apply the update there (`keras_qlora.training.
+            HostOffloadOptimizer` wraps the optimizer given to `compile`).
+        optimizer_8bit: store Adam/AdamW moments blockwise-quantized to
+            8 bits (`keras_qlora.training.AdamW8bit` replaces the Adam or
+            AdamW given to `compile`).
+        gradient_checkpointing: recompute transformer blocks in the
+            backward pass instead of keeping their activations: True
+            detects the blocks; a selector (as above) names them.
         verbose: print a progress bar over the layers being quantized.
 
     Returns:
@@ -71,10 +87,15 @@ def apply(
         prints what was done. The input model object is edited in place and
         should not be used on its own afterwards.
 
+    `target_modules=None` gives a 4-bit model with no adapter (for
+    inference); the training options then do not apply.
+
     Raises:
         ValueError: nothing matched (the message lists the model's
             Dense/EinsumDense paths), keras_qlora already applied, bad
-            settings.
+            settings, training options on a model without LoRA, no
+            transformer block found for `gradient_checkpointing=True`.
+        TypeError: a bad selector or option type.
 
     Example:
     >>> model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(
@@ -96,13 +117,27 @@ def apply(
         scale_search=scale_search,
         use_rslora=use_rslora,
     )
+    training = dict(
+        bias=bias,
+        offload_optimizer=offload_optimizer,
+        optimizer_8bit=optimizer_8bit,
+        gradient_checkpointing=gradient_checkpointing,
+    )
     _check_model(model)
+    # Everything that can be refused is refused before the model is edited.
+    training_options.check_options(training, target_modules is not None)
+    if gradient_checkpointing is not False:
+        from keras_qlora.training.remat import find_blocks
+
+        find_blocks(model, gradient_checkpointing)
     bytes_before = convert.variable_bytes(model)
     params_before = sum(numel(v) for v in model.weights)
     report = rewrite(model, settings, verbose=verbose)
     report["bytes_before"] = bytes_before
     report["params_before"] = params_before
-    return QLoRAModel(model, settings=settings, report=report)
+    return QLoRAModel(
+        model, settings=settings, report=report, training=training
+    )
 
 
 def rewrite(model, settings, verbose=False):
@@ -128,7 +163,15 @@ def rewrite(model, settings, verbose=False):
     quant = targets | _select(settings["quantize_modules"], linear, vocab_sizes)
     quant -= excluded | saved
     targets &= quant
-    if not targets:
+    if not quant:
+        names = ", ".join(f.path for f in linear) or "(none)"
+        raise ValueError(
+            "Nothing to quantize: quantize_modules "
+            f"{_describe_selector(settings['quantize_modules'])} and "
+            "target_modules matched no layer. The model's Dense/EinsumDense "
+            f"layers are: {names}"
+        )
+    if not targets and settings["target_modules"] is not None:
         names = ", ".join(f.path for f in linear) or "(none)"
         raise ValueError(
             "Target modules "

@@ -29,3 +29,12 @@ def bnb():
             "KERAS_QLORA_REQUIRE_BNB=1 to turn this skip into a failure."
         )
     return BnbModules(functional=functional, torch=torch)
+
+
+@pytest.fixture
+def dtype_policy_guard():
+    """Restores the float32 global dtype policy after a mixed-precision test."""
+    yield
+    import keras
+
+    keras.config.set_dtype_policy("float32")

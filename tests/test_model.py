@@ -170,12 +170,6 @@ def test_loading_into_a_mismatched_structure_fails_clearly(tmp_path):
         keras_qlora.QLoRAModel.from_config(config)
 
 
-@pytest.fixture
-def dtype_policy_guard():
-    yield
-    keras.config.set_dtype_policy("float32")
-
-
 def test_round_trip_of_a_functional_model_with_a_trainable_head(tmp_path):
     inp = keras.Input((24,))
     h = keras.layers.Dense(32, activation="relu", name="query")(inp)

@@ -40,7 +40,12 @@ def fused_library():
     if lib is None:
         return None
     if not _checked:
-        _checked.append(_self_test(lib))
+        import tensorflow as tf
+
+        # First use is often while fit() traces its step function: run the
+        # self-test eagerly, outside that graph.
+        with tf.init_scope():
+            _checked.append(_self_test(lib))
     return lib if _checked[0] else None
 
 

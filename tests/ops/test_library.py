@@ -38,6 +38,35 @@ def test_pure_tf_env_var_selects_the_reference_path():
     assert "KERAS_QLORA_PURE_TF=1" in result.stdout
 
 
+_FIRST_USE_IN_GRAPH = """
+import warnings
+warnings.simplefilter("error")
+import numpy as np
+import tensorflow as tf
+from keras_qlora import ops as qops
+from keras_qlora.quantizers import quantize_nf4
+s = quantize_nf4(np.ones((64, 8), "float32"))
+args = (s.packed, s.absmax, s.absmax_scale, np.float32(s.absmax_offset))
+f = tf.function(lambda x: qops.nf4_matmul(x, *args, s.shape, s.block_size))
+y = f(tf.ones((2, 64)))
+print("path:", qops.active_path()[0], float(y[0, 0]))
+"""
+
+
+def test_first_use_inside_a_traced_function_keeps_the_fused_path():
+    # fit() traces its step before any eager call: the op's one-time
+    # self-test must not run inside that graph.
+    result = subprocess.run(
+        [sys.executable, "-c", _FIRST_USE_IN_GRAPH],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.path.abspath(ROOT)),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "path: fused" in result.stdout
+
+
 def test_cache_key_covers_sources_and_tensorflow(tmp_path, monkeypatch):
     import tensorflow as tf
 

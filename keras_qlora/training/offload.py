@@ -1,0 +1,210 @@
+"""`HostOffloadOptimizer`: optimizer state and update math in host memory.
+
+QLoRA keeps the optimizer state off the accelerator (bitsandbytes pages it
+to CPU RAM). Here the wrapped optimizer's slot variables (Adam's moments,
+...) are created on the host, and each step:
+
+1. copies the gradients and the current values of the trained variables to
+   the host (device -> host: a few MB for LoRA);
+2. runs the wrapped optimizer's update there, on host copies of the
+   variables (the "host mirrors");
+3. assigns the updated values back to the device variables (host -> device).
+
+The mirrors are refreshed from the device variables on every step, so
+restoring weights (`load_weights`, `load_adapter`) between steps is safe;
+they are working buffers, not state, and are not checkpointed. The update
+is the wrapped optimizer's own, so the trajectory equals plain training.
+
+On a CPU-only machine host and device are the same, and the same code path
+runs (the slots are still placed on the host device explicitly).
+"""
+
+import keras
+import tensorflow as tf
+
+# Optimizers whose state is one set of slots per variable, updated
+# elementwise: these can be moved to the host unchanged.
+_SUPPORTED = (
+    "Adadelta",
+    "Adafactor",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "AdamW8bit",
+    "Adamax",
+    "Ftrl",
+    "Lamb",
+    "Lion",
+    "Nadam",
+    "RMSprop",
+    "SGD",
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_qlora")
+class HostOffloadOptimizer(keras.optimizers.Optimizer):
+    """Wraps an optimizer so its state lives and updates on the host CPU.
+
+    Args:
+        inner_optimizer: a Keras optimizer instance (Adam, AdamW, SGD, ...,
+            or `keras_qlora.training.AdamW8bit`) or its string name.
+        host_device: the TF device holding the state; default "/CPU:0".
+        name: optimizer name.
+
+    Raises:
+        TypeError: the inner optimizer is not a supported Keras optimizer.
+        ValueError: used under a `tf.distribute` strategy (per-replica host
+            state is not implemented).
+
+    Example:
+    >>> opt = HostOffloadOptimizer(keras.optimizers.AdamW(1e-3))
+    >>> model.compile(optimizer=opt, loss="mse")  # doctest: +SKIP
+    """
+
+    def __init__(self, inner_optimizer, host_device="/CPU:0", name=None):
+        inner = keras.optimizers.get(inner_optimizer)
+        check_offloadable(inner)
+        if not isinstance(host_device, str) or not host_device:
+            raise TypeError(
+                "HostOffloadOptimizer: host_device must be a TF device "
+                f"string such as '/CPU:0'. Received: host_device="
+                f"{host_device!r}"
+            )
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner
+        self.host_device = host_device
+        self._mirrors = []
+
+    # -- build ----------------------------------------------------------------
+
+    def build(self, var_list):
+        _refuse_distribution()
+        with tf.device(self.host_device):
+            self._mirrors = [
+                tf.Variable(
+                    _value(v),
+                    trainable=False,
+                    name=_base_name(v) + "_host",
+                )
+                for v in var_list
+            ]
+            # Slots are colocated with the variables they are built for:
+            # building on the host mirrors puts them on the host.
+            self.inner_optimizer.build(self._mirrors)
+        self._device_vars = list(var_list)
+        self.built = True
+
+    # -- properties -----------------------------------------------------------
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        # Called by the base constructor before `inner_optimizer` exists.
+        if "inner_optimizer" in self.__dict__:
+            self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def host_variables(self):
+        """The optimizer state variables (all on `host_device`)."""
+        return list(self.inner_optimizer.variables)
+
+    # -- update -----------------------------------------------------------------
+
+    def apply(self, grads, trainable_variables=None):
+        grads = list(grads)
+        if trainable_variables is None:
+            trainable_variables = self._device_vars
+        trainable_variables = list(trainable_variables)
+        if not self.built:
+            self.build(trainable_variables)
+        if len(trainable_variables) != len(self._mirrors):
+            raise ValueError(
+                f"{type(self).__name__} was built for "
+                f"{len(self._mirrors)} variables and is now asked to update "
+                f"{len(trainable_variables)}. Recompile the model after "
+                "changing which variables are trainable."
+            )
+        with tf.device(self.host_device):
+            host_grads = []
+            for g, v, m in zip(grads, trainable_variables, self._mirrors):
+                m.assign(_value(v))  # device -> host
+                host_grads.append(None if g is None else tf.identity(g))
+            self.inner_optimizer.apply(host_grads, self._mirrors)
+        for v, m in zip(trainable_variables, self._mirrors):
+            v.assign(m.read_value())  # host -> device
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        # EMA (if the inner optimizer uses it) lives on the mirrors.
+        if self.inner_optimizer.use_ema:
+            self.inner_optimizer.finalize_variable_values(self._mirrors)
+            for v, m in zip(var_list, self._mirrors):
+                v.assign(m.read_value())
+
+    # -- config -----------------------------------------------------------------
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(
+                self.inner_optimizer
+            ),
+            "host_device": self.host_device,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("inner_optimizer"), custom_objects=custom_objects
+        )
+        return cls(inner, **config)
+
+
+def check_offloadable(optimizer):
+    """Raises unless `optimizer` can have its state moved to the host."""
+    name = type(optimizer).__name__
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise TypeError(
+            "offload_optimizer needs a Keras optimizer (keras.optimizers.*). "
+            f"Received: {type(optimizer).__module__}.{name}"
+        )
+    if name not in _SUPPORTED:
+        raise TypeError(
+            f"offload_optimizer does not support {name}: supported are "
+            f"{', '.join(_SUPPORTED)} (optimizers with per-variable, "
+            "elementwise state). Mixed-precision loss scaling is added by "
+            "Keras on top; pass the plain optimizer."
+        )
+
+
+def _refuse_distribution():
+    if tf.distribute.has_strategy():
+        strategy = tf.distribute.get_strategy()
+        raise ValueError(
+            "offload_optimizer=True is not supported under "
+            f"{type(strategy).__name__}: host-resident optimizer state is "
+            "implemented for single-device training. Train without "
+            "offload_optimizer under tf.distribute."
+        )
+
+
+def _value(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _base_name(variable):
+    name = getattr(variable, "path", None) or variable.name
+    return name.replace("/", "_").replace(":", "_")

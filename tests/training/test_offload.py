@@ -1,0 +1,121 @@
+"""Host-resident optimizer state (`offload_optimizer=True`)."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_qlora
+from keras_qlora.training import HostOffloadOptimizer
+
+
+def _task(seed=0, n=128):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 24)).astype("float32")
+    y = np.tanh(x @ rng.standard_normal((24, 8)).astype("float32"))
+    return x, y
+
+
+def _qlora(seed=0, **kwargs):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((24,)),
+            keras.layers.Dense(64, activation="gelu", name="query"),
+            keras.layers.Dense(8, name="value"),
+        ]
+    )
+    return keras_qlora.apply(model, rank=4, verbose=False, **kwargs)
+
+
+def _fit(model, optimizer, epochs=3):
+    x, y = _task()
+    model.compile(optimizer=optimizer, loss="mse")
+    hist = model.fit(x, y, batch_size=32, epochs=epochs, verbose=0)
+    return hist.history["loss"]
+
+
+def _adamw():
+    return keras.optimizers.AdamW(5e-3, weight_decay=0.01)
+
+
+def test_same_trajectory_as_plain_adamw_and_state_on_host():
+    plain, offloaded = _qlora(), _qlora(offload_optimizer=True)
+    want = _fit(plain, _adamw())
+    got = _fit(offloaded, _adamw())
+    assert isinstance(offloaded.optimizer, HostOffloadOptimizer)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for a, b in zip(offloaded.trainable_variables, plain.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-8)
+    # The moments exist for the LoRA matrices only, and live on the host.
+    slots = offloaded.optimizer.host_variables()
+    moments = [v for v in slots if "lora" in v.path]
+    assert len(moments) == 2 * len(offloaded.trainable_variables)
+    assert all("CPU" in v.value.device for v in slots), [
+        v.value.device for v in slots
+    ]
+    assert offloaded.optimizer.iterations.numpy() == 12
+
+
+def test_weights_restored_between_fits_are_respected():
+    # The host copies are refreshed from the model every step, so weights
+    # loaded after the optimizer is built are not overwritten.
+    plain, offloaded = _qlora(), _qlora(offload_optimizer=True)
+    for model in (plain, offloaded):
+        _fit(model, keras.optimizers.SGD(0.05), epochs=1)
+        for v in model.trainable_variables:
+            v.assign(np.full(v.shape, 0.01, "float32"))
+    want = _fit(plain, plain.optimizer, epochs=1)
+    got = _fit(offloaded, offloaded.optimizer, epochs=1)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_under_mixed_float16_loss_scaling_wraps_the_offload(
+    dtype_policy_guard,
+):
+    keras.config.set_dtype_policy("mixed_float16")
+    q = _qlora(offload_optimizer=True)
+    losses = _fit(q, keras.optimizers.Adam(1e-2), epochs=4)
+    assert isinstance(q.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert isinstance(q.optimizer.inner_optimizer, HostOffloadOptimizer)
+    assert losses[-1] < 0.9 * losses[0]
+    assert all(v.dtype == "float32" for v in q.trainable_variables)
+
+
+def test_config_round_trip():
+    opt = HostOffloadOptimizer(keras.optimizers.AdamW(3e-4, beta_2=0.95))
+    clone = HostOffloadOptimizer.from_config(opt.get_config())
+    assert isinstance(clone.inner_optimizer, keras.optimizers.AdamW)
+    assert clone.inner_optimizer.beta_2 == 0.95
+    np.testing.assert_allclose(float(clone.learning_rate), 3e-4, rtol=1e-6)
+    assert clone.host_device == "/CPU:0"
+
+
+class _Custom(keras.optimizers.Optimizer):
+    def update_step(self, gradient, variable, learning_rate):
+        variable.assign_sub(gradient * learning_rate)
+
+
+@pytest.mark.parametrize(
+    "optimizer, match",
+    [
+        (_Custom(learning_rate=0.1), "does not support _Custom"),
+        (
+            keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam()),
+            "does not support LossScaleOptimizer",
+        ),
+    ],
+)
+def test_unsupported_optimizers_are_refused(optimizer, match):
+    q = _qlora(offload_optimizer=True)
+    with pytest.raises(TypeError, match=match):
+        q.compile(optimizer=optimizer, loss="mse")
+
+
+def test_non_keras_optimizer_is_refused():
+    with pytest.raises((TypeError, ValueError), match="optimizer"):
+        HostOffloadOptimizer(object())
+
+
+def test_bad_host_device():
+    with pytest.raises(TypeError, match="host_device must be"):
+        HostOffloadOptimizer("adam", host_device=0)
