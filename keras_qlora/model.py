@@ -89,6 +89,14 @@ class QLoRAModel(keras.Model):
         )
         super().compile(optimizer=optimizer, **kwargs)
 
+    def compile_from_config(self, config):
+        # Keras skips compile-on-load for models that override compile();
+        # ours only adds the optimizer options, so replay it.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def train_step(self, data):
         variables = training_step.trained_variables(
             self, self._frozen_variable_ids()

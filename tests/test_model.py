@@ -63,16 +63,23 @@ def test_fit_lowers_loss_and_changes_only_lora():
     assert not any("nf4_" in p or "bias" in p for p in slots)
 
 
-def test_fit_under_mixed_bfloat16(dtype_policy_guard):
-    keras.config.set_dtype_policy("mixed_bfloat16")
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_fit_under_mixed_precision(dtype_policy_guard, policy):
+    keras.config.set_dtype_policy(policy)
     keras.utils.set_random_seed(0)
     x, y = _task()
     q = keras_qlora.apply(_model(), rank=8, verbose=False)
     assert all(v.dtype == "float32" for v in q.trainable_variables)
-    assert keras.backend.standardize_dtype(q(x[:2]).dtype) == "bfloat16"
+    compute = policy.split("_")[1]
+    assert keras.backend.standardize_dtype(q(x[:2]).dtype) == compute
     q.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
     losses = q.fit(x, y, batch_size=32, epochs=6, verbose=0).history["loss"]
     assert losses[-1] < 0.8 * losses[0]
+    # float16 needs loss scaling, which compile() adds for the wrapper's
+    # policy; LoRA stays float32 either way.
+    scaled = isinstance(q.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert scaled == (policy == "mixed_float16")
+    assert all(v.dtype == "float32" for v in q.trainable_variables)
 
 
 def _trained(tmp_path):

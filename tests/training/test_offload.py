@@ -119,3 +119,24 @@ def test_non_keras_optimizer_is_refused():
 def test_bad_host_device():
     with pytest.raises(TypeError, match="host_device must be"):
         HostOffloadOptimizer("adam", host_device=0)
+
+
+def test_keras_file_round_trip_keeps_the_offloaded_state(tmp_path):
+    q = _qlora(offload_optimizer=True)
+    _fit(q, _adamw(), epochs=1)
+    path = str(tmp_path / "offload.keras")
+    q.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.training_options["offload_optimizer"] is True
+    assert isinstance(loaded.optimizer, HostOffloadOptimizer)
+    want = {v.path: v.numpy() for v in q.optimizer.host_variables()}
+    got = {v.path: v.numpy() for v in loaded.optimizer.host_variables()}
+    assert got.keys() == want.keys() and len(got) >= 6
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    # Training goes on identically from the loaded state.
+    np.testing.assert_allclose(
+        _fit(loaded, loaded.optimizer, epochs=1),
+        _fit(q, q.optimizer, epochs=1),
+        rtol=1e-6,
+    )
