@@ -13,6 +13,7 @@ import keras
 from keras_qlora import convert
 from keras_qlora import surgery
 from keras_qlora.layers import QLoRALayerBase
+from keras_qlora.training import multi_worker
 from keras_qlora.training import options as training_options
 from keras_qlora.training import step as training_step
 
@@ -101,7 +102,26 @@ class QLoRAModel(keras.Model):
         variables = training_step.trained_variables(
             self, self._frozen_variable_ids()
         )
-        return training_step.lora_train_step(self, data, variables)
+        logs = training_step.lora_train_step(self, data, variables)
+        if multi_worker.is_multi_worker(self.distribute_strategy):
+            logs = multi_worker.with_replica_axis(logs)
+        return logs
+
+    def test_step(self, data):
+        logs = super().test_step(data)
+        if multi_worker.is_multi_worker(self.distribute_strategy):
+            logs = multi_worker.with_replica_axis(logs)
+        return logs
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # See keras_qlora/training/multi_worker.py (keras-team/keras#20585).
+        strategy = self.distribute_strategy
+        if iterator is not None and multi_worker.is_multi_worker(strategy):
+            data_batch = multi_worker.first_local_batch(iterator, strategy)
+            iterator = None
+        return super()._maybe_symbolic_build(
+            iterator=iterator, data_batch=data_batch
+        )
 
     def qlora_layers(self, lora_only=False) -> dict:
         """`{path: layer}` of the QLoRA layers, paths as in `summary()`.

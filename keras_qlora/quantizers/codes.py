@@ -1,4 +1,4 @@
-"""Code tables shared by the quantizers: NF4 values and the 8-bit dynamic map.
+"""Code tables shared by the quantizers: NF4 values and the 8-bit dynamic maps.
 
 Both tables are bit-identical to the ones bitsandbytes uses, so that states we
 write can be dequantized by bitsandbytes and vice versa.
@@ -63,21 +63,29 @@ def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
 
 
 @functools.cache
-def _dynamic_map() -> np.ndarray:
+def _dynamic_map_table(signed: bool) -> np.ndarray:
     parts = []
-    # Signed 8-bit dynamic type: for exponent e = 0..6 the fraction gets 2**e
-    # evenly spaced levels (midpoints of a linspace over [0.1, 1]) scaled by
-    # 10**(e - 6); mirrored for negatives, plus 0 and 1.
+    # 8-bit dynamic type: for exponent e = 0..6 the fraction gets evenly
+    # spaced levels (midpoints of a linspace over [0.1, 1]) scaled by
+    # 10**(e - 6); 2**e levels mirrored for negatives when signed, 2**(e+1)
+    # positive levels when unsigned (the sign bit becomes a fraction bit);
+    # plus 0 and 1. Both variants have exactly 256 entries.
     for e in range(7):
-        bounds = _linspace_f32(0.1, 1.0, 2**e + 1)
+        levels = 2**e if signed else 2 ** (e + 1)
+        bounds = _linspace_f32(0.1, 1.0, levels + 1)
         means = (bounds[:-1] + bounds[1:]) / np.float32(2)
         scale = np.float32(10.0 ** (e - 6))
         parts.append(means * scale)
-        parts.append(means * -scale)
+        if signed:
+            parts.append(means * -scale)
     parts.append(np.array([0.0, 1.0], dtype=np.float32))
     table = np.sort(np.concatenate(parts).astype(np.float32))
     table.setflags(write=False)
     return table
+
+
+def _dynamic_map() -> np.ndarray:
+    return _dynamic_map_table(True)
 
 
 def dynamic_map() -> np.ndarray:
@@ -92,6 +100,32 @@ def dynamic_map() -> np.ndarray:
 @functools.cache
 def dynamic_map_midpoints() -> np.ndarray:
     table = _dynamic_map()
+    mids = ((table[:-1] + table[1:]) / np.float32(2)).astype(np.float32)
+    mids.setflags(write=False)
+    return mids
+
+
+def unsigned_dynamic_map() -> np.ndarray:
+    """Returns the 256-entry unsigned dynamic 8-bit map.
+
+    bitsandbytes' `create_dynamic_map(signed=False)`: the map its 8-bit
+    optimizers use for non-negative state (Adam's second moment).
+
+    Returns:
+        A read-only sorted float32 array of 256 values in [0, 1].
+
+    Example:
+        >>> table = unsigned_dynamic_map()
+        >>> float(table[0]), float(table[-1])
+        (0.0, 1.0)
+    """
+    return _dynamic_map_table(False)
+
+
+@functools.cache
+def unsigned_dynamic_map_midpoints() -> np.ndarray:
+    """Decision boundaries (255) between neighbouring unsigned map codes."""
+    table = _dynamic_map_table(False)
     mids = ((table[:-1] + table[1:]) / np.float32(2)).astype(np.float32)
     mids.setflags(write=False)
     return mids

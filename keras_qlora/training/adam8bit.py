@@ -1,0 +1,449 @@
+"""`AdamW8bit`: Adam/AdamW whose moments are stored blockwise in 8 bits.
+
+Block-wise 8-bit optimizer state (Dettmers et al. 2022, "8-bit Optimizers via
+Block-wise Quantization", arXiv 2110.02861), as bitsandbytes' `Adam8bit`:
+each moment tensor is flattened and cut into blocks of `block_size` values;
+a block stores one float32 absmax and one uint8 code per value, the index of
+the nearest entry of a 256-entry dynamic map to `value / absmax` (the signed
+map for the first moment, the unsigned one for the non-negative second).
+Every step dequantizes both moments, does the exact Adam/AdamW update in
+float32 and quantizes them again. State costs 2 + 8 / block_size bytes per
+parameter (2.03 at block 256) instead of 8.
+"""
+
+import contextlib
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from keras_qlora.quantizers import codes
+
+# Tables as float32 numpy constants; turned into tensors inside the step so
+# that each traced graph embeds them once.
+_SIGNED_CODE = codes.dynamic_map()
+_SIGNED_MIDS = codes.dynamic_map_midpoints()
+_UNSIGNED_CODE = codes.unsigned_dynamic_map()
+_UNSIGNED_MIDS = codes.unsigned_dynamic_map_midpoints()
+
+_DEFAULT_BLOCK_SIZE = 256
+_DEFAULT_MIN_8BIT_SIZE = 4096
+
+
+def quantize_blockwise_8bit(values, midpoints, block_size: int):
+    """Quantizes a tensor blockwise to uint8 codes of a 256-entry map.
+
+    Args:
+        values: a float tensor of any shape; it is flattened row-major.
+        midpoints: the 255 sorted decision boundaries of the code table
+            (`codes.dynamic_map_midpoints()` or the unsigned variant).
+        block_size: values per block; the last block may be partial.
+
+    Returns:
+        `(codes, absmax)`: uint8 `[size]` and float32 `[ceil(size / bs)]`.
+
+    Example:
+        >>> q, absmax = quantize_blockwise_8bit(
+        ...     tf.ones((300,)), codes.dynamic_map_midpoints(), 256)
+        >>> tuple(q.shape), tuple(absmax.shape)
+        ((300,), (2,))
+    """
+    # Raw TF ops, not keras.ops: this runs once per variable per step and
+    # keras.ops' generic wrappers add several times the graph nodes, which
+    # made tracing a train step seconds slower.
+    flat = tf.reshape(tf.cast(values, tf.float32), [-1])
+    size = flat.shape[0]
+    blocks = _as_blocks(flat, size, block_size)  # (blocks, block_size)
+    absmax = tf.reduce_max(tf.abs(blocks), axis=1)
+    # An all-zero block keeps absmax 0 (it dequantizes to 0 whatever the
+    # codes); dividing by 1 instead avoids 0 / 0.
+    safe = tf.where(absmax > 0, absmax, tf.ones_like(absmax))
+    normed = tf.clip_by_value(blocks / tf.expand_dims(safe, 1), -1.0, 1.0)
+    # Nearest code = number of midpoints below the value; ties go down, as
+    # in `quantizers.nf4` and bitsandbytes' reference (torch.bucketize).
+    index = tf.searchsorted(
+        tf.constant(midpoints, tf.float32),
+        _unblock(normed, size),
+        side="left",
+    )
+    return tf.cast(index, tf.uint8), absmax
+
+
+def dequantize_blockwise_8bit(q, absmax, code, block_size: int):
+    """Inverse of `quantize_blockwise_8bit`: `code[q] * absmax[block]`.
+
+    Args:
+        q: uint8 codes `[size]`.
+        absmax: float32 scales `[ceil(size / block_size)]`.
+        code: the 256-entry code table that produced `q`.
+        block_size: the block size that produced `q`.
+
+    Returns:
+        float32 values `[size]`.
+    """
+    q = tf.convert_to_tensor(q)
+    size = q.shape[0]
+    values = tf.gather(tf.constant(code, tf.float32), tf.cast(q, tf.int32))
+    blocks = _as_blocks(values, size, block_size)
+    return _unblock(blocks * tf.expand_dims(absmax, 1), size)
+
+
+def _as_blocks(flat, size: int, block_size: int):
+    """`[size]` -> `[ceil(size / block_size), block_size]`, zero padded."""
+    padded = math.ceil(size / block_size) * block_size
+    if padded != size:
+        flat = tf.pad(flat, [[0, padded - size]])
+    return tf.reshape(flat, [padded // block_size, block_size])
+
+
+def _unblock(blocks, size: int):
+    """Inverse of `_as_blocks`: flatten and drop the padding."""
+    flat = tf.reshape(blocks, [-1])
+    return flat if flat.shape[0] == size else flat[:size]
+
+
+@keras.saving.register_keras_serializable(package="keras_qlora")
+class AdamW8bit(keras.optimizers.Optimizer):
+    """Adam/AdamW with block-wise 8-bit moments (bitsandbytes' Adam8bit).
+
+    The update is Keras' `AdamW` (`Adam` when `weight_decay=None`) to the
+    letter: bias-corrected step size `lr * sqrt(1 - b2^t) / (1 - b1^t)`,
+    `epsilon` added to `sqrt(v)`, weight decay decoupled and applied before
+    the step, as `keras.optimizers.AdamW` does. Only the storage of `m` and
+    `v` differs: variables with at least `min_8bit_size` elements keep them
+    as uint8 codes plus one float32 absmax per `block_size` values (about 2.03
+    bytes per parameter at block 256, instead of 8); smaller variables (biases,
+    norms, small LoRA factors) keep float32 moments, where 8 bits would save
+    little and cost precision. The update itself always runs in float32.
+
+    Args:
+        learning_rate: a float, a `LearningRateSchedule` or a callable.
+        weight_decay: decoupled weight decay (as `AdamW`); None disables it
+            (plain Adam).
+        beta_1, beta_2, epsilon: as in `keras.optimizers.Adam`.
+        amsgrad: must be False; AMSGrad needs a third, max-tracking state
+            that block-wise quantization does not keep.
+        block_size: values per quantization block (positive int, default
+            256 as bitsandbytes).
+        min_8bit_size: variables with fewer elements keep float32 moments
+            (non-negative int; default 4096 as bitsandbytes; 0 quantizes
+            every variable).
+        **kwargs: the base optimizer's arguments (`clipnorm`, `clipvalue`,
+            `global_clipnorm`, `use_ema`, `loss_scale_factor`,
+            `gradient_accumulation_steps`, `name`, ...).
+
+    Raises:
+        ValueError: for `amsgrad=True`, a bad `block_size` or
+            `min_8bit_size`, or any invalid base optimizer argument.
+
+    Example:
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        >>> model.compile(optimizer=AdamW8bit(1e-3), loss="mse")
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        weight_decay=0.004,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        amsgrad=False,
+        block_size=_DEFAULT_BLOCK_SIZE,
+        min_8bit_size=_DEFAULT_MIN_8BIT_SIZE,
+        name=None,
+        **kwargs,
+    ):
+        if amsgrad:
+            raise ValueError(
+                "AdamW8bit does not support amsgrad: its max-tracking state "
+                "is not kept in 8 bits. Use keras.optimizers.AdamW("
+                f"amsgrad=True) instead. Received: amsgrad={amsgrad!r}"
+            )
+        _check_count("block_size", block_size, minimum=1)
+        _check_count("min_8bit_size", min_8bit_size, minimum=0)
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            name=name,
+            **kwargs,
+        )
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.amsgrad = False
+        self.block_size = int(block_size)
+        self.min_8bit_size = int(min_8bit_size)
+
+    def build(self, var_list) -> None:
+        """Creates the moment state for each of `var_list`.
+
+        Per 8-bit variable: `{path}_momentum_codes` / `_velocity_codes`
+        (uint8, one per element) and `{path}_momentum_absmax` /
+        `_velocity_absmax` (float32, one per block). Per small variable:
+        float32 `{path}_momentum` / `{path}_velocity` of its shape.
+        """
+        if self.built:
+            return
+        super().build(var_list)
+        # One entry per variable (None where not used), indexed like
+        # `_get_variable_index`.
+        self._m_codes, self._m_absmax = [], []
+        self._v_codes, self._v_absmax = [], []
+        self._m_float, self._v_float = [], []
+        for variable in var_list:
+            state = self._add_state(variable)
+            self._m_codes.append(state.get("momentum_codes"))
+            self._m_absmax.append(state.get("momentum_absmax"))
+            self._v_codes.append(state.get("velocity_codes"))
+            self._v_absmax.append(state.get("velocity_absmax"))
+            self._m_float.append(state.get("momentum"))
+            self._v_float.append(state.get("velocity"))
+
+    def is_8bit(self, variable) -> bool:
+        """Whether `variable`'s moments are stored in 8 bits.
+
+        Raises:
+            ValueError: if the optimizer is not built yet.
+        """
+        self._require_built("is_8bit")
+        return self._m_codes[self._get_variable_index(variable)] is not None
+
+    def state_bytes(self) -> int:
+        """Bytes held by the moment state (codes, absmax, float moments).
+
+        Excludes the iteration counter and learning rate, which every Keras
+        optimizer has. For 8-bit variables this is
+        `2 * size + 8 * ceil(size / block_size)`.
+
+        Returns:
+            The total size in bytes of all moment state variables.
+
+        Raises:
+            ValueError: if the optimizer is not built yet.
+
+        Example:
+            >>> opt = AdamW8bit(min_8bit_size=0)
+            >>> opt.build([keras.Variable(np.zeros((512,), "float32"))])
+            >>> opt.state_bytes()  # 2 * 512 codes + 2 * 2 absmax * 4 bytes
+            1040
+        """
+        self._require_built("state_bytes")
+        total = 0
+        for group in self._state_lists():
+            for v in group:
+                if v is not None:
+                    itemsize = np.dtype(
+                        keras.backend.standardize_dtype(v.dtype)
+                    )
+                    total += math.prod(v.shape) * itemsize.itemsize
+        return total
+
+    def update_step(self, gradient, variable, learning_rate):
+        """One Adam/AdamW step for `variable` (weight decay is applied before
+        this by the base optimizer, as for `keras.optimizers.AdamW`)."""
+        index = self._get_variable_index(variable)
+        gradient = ops.cast(ops.convert_to_tensor(gradient), "float32")
+        lr = ops.cast(learning_rate, "float32")
+        local_step = ops.cast(self.iterations + 1, "float32")
+        beta_1_power = ops.power(ops.cast(self.beta_1, "float32"), local_step)
+        beta_2_power = ops.power(ops.cast(self.beta_2, "float32"), local_step)
+        alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+
+        eight_bit = self._m_codes[index] is not None
+        m, v = self._read_moments(index, variable.shape, eight_bit)
+        # Same expressions, in the same order, as keras' Adam.update_step.
+        m = ops.add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
+        v = ops.add(
+            v,
+            ops.multiply(
+                ops.subtract(ops.square(gradient), v), 1 - self.beta_2
+            ),
+        )
+        # The step uses the exact new moments; only what is stored for the
+        # next step is rounded, as in bitsandbytes' 8-bit kernels.
+        step = ops.divide(
+            ops.multiply(m, alpha), ops.add(ops.sqrt(v), self.epsilon)
+        )
+        self.assign_sub(variable, ops.cast(step, variable.dtype))
+        self._write_moments(index, m, v, eight_bit)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "amsgrad": self.amsgrad,
+                "block_size": self.block_size,
+                "min_8bit_size": self.min_8bit_size,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # Keras' base replaces a serialized schedule inside `config` itself;
+        # copy first so the caller's config stays reusable.
+        return super().from_config(dict(config), custom_objects)
+
+    @classmethod
+    def from_optimizer(cls, optimizer, **overrides) -> "AdamW8bit":
+        """An `AdamW8bit` with the hyperparameters of an Adam/AdamW.
+
+        Only hyperparameters are copied; the moment state (if `optimizer`
+        has trained) is not, so convert before training.
+
+        Args:
+            optimizer: a `keras.optimizers.Adam` / `AdamW` instance (Adam gives
+                `weight_decay=None`), an `AdamW8bit`, or the string `"adam"` /
+                `"adamw"` (Keras' defaults).
+            **overrides: constructor arguments to set on top, e.g.
+                `block_size=128` or `min_8bit_size=0`.
+
+        Returns:
+            A new, unbuilt `AdamW8bit`.
+
+        Raises:
+            ValueError: for another optimizer name, or an Adam with
+                `amsgrad=True`.
+            TypeError: for any other object.
+
+        Example:
+            >>> opt = AdamW8bit.from_optimizer(keras.optimizers.AdamW(2e-4))
+            >>> round(float(opt.learning_rate), 6), opt.weight_decay
+            (0.0002, 0.004)
+        """
+        if isinstance(optimizer, str):
+            optimizer = _optimizer_from_name(optimizer)
+        if not isinstance(optimizer, (keras.optimizers.Adam, cls)):
+            raise TypeError(
+                "AdamW8bit.from_optimizer supports only keras.optimizers.Adam "
+                "and keras.optimizers.AdamW (or 'adam' / 'adamw') for 8-bit "
+                f"state. Received: optimizer={optimizer!r} of type "
+                f"{type(optimizer).__name__}"
+            )
+        config = optimizer.get_config()
+        # A fresh optimizer gets its own name (and so its own variable paths).
+        config.pop("name", None)
+        # Keep the schedule or callable object itself rather than its
+        # serialized form (a plain callable may not serialize at all).
+        schedule = optimizer._learning_rate
+        if not isinstance(schedule, keras.Variable) and callable(schedule):
+            config["learning_rate"] = schedule
+        if config.get("amsgrad"):
+            raise ValueError(
+                "AdamW8bit.from_optimizer cannot convert an optimizer with "
+                "amsgrad=True: AMSGrad state is not kept in 8 bits. "
+                f"Received: optimizer={optimizer!r} with amsgrad=True"
+            )
+        config.update(overrides)
+        return cls(**config)
+
+    def _add_state(self, variable) -> dict:
+        """Creates the state variables of one model variable by role."""
+        if self._overwrite_variable_with_gradient(variable):
+            return {}
+        size = math.prod(variable.shape)
+        # Named like Keras' own slots (`add_variable_from_reference`).
+        path = getattr(variable, "path", None) or str(variable.name)
+        prefix = path.replace("/", "_").replace(":", "_")
+        with self._colocated_with(variable):
+            if size < self.min_8bit_size:
+                return {
+                    role: self.add_variable(
+                        variable.shape, dtype="float32", name=f"{prefix}_{role}"
+                    )
+                    for role in ("momentum", "velocity")
+                }
+            blocks = math.ceil(size / self.block_size)
+            state = {}
+            for role in ("momentum", "velocity"):
+                state[f"{role}_codes"] = self.add_variable(
+                    (size,), dtype="uint8", name=f"{prefix}_{role}_codes"
+                )
+                state[f"{role}_absmax"] = self.add_variable(
+                    (blocks,), dtype="float32", name=f"{prefix}_{role}_absmax"
+                )
+            return state
+
+    def _colocated_with(self, variable):
+        # Under tf.distribute, keep the state on the devices of its variable,
+        # as Keras' TF optimizer does for `add_variable_from_reference`.
+        strategy = getattr(self, "_distribution_strategy", None)
+        if strategy is None:
+            return contextlib.nullcontext()
+        value = (
+            variable.value if isinstance(variable, keras.Variable) else variable
+        )
+        return strategy.extended.colocate_vars_with(value)
+
+    def _read_moments(self, index, shape, eight_bit):
+        if not eight_bit:
+            return self._m_float[index], self._v_float[index]
+        bs = self.block_size
+        m = dequantize_blockwise_8bit(
+            self._m_codes[index], self._m_absmax[index], _SIGNED_CODE, bs
+        )
+        v = dequantize_blockwise_8bit(
+            self._v_codes[index], self._v_absmax[index], _UNSIGNED_CODE, bs
+        )
+        return ops.reshape(m, shape), ops.reshape(v, shape)
+
+    def _write_moments(self, index, m, v, eight_bit):
+        if not eight_bit:
+            self.assign(self._m_float[index], m)
+            self.assign(self._v_float[index], v)
+            return
+        bs = self.block_size
+        m_codes, m_absmax = quantize_blockwise_8bit(m, _SIGNED_MIDS, bs)
+        v_codes, v_absmax = quantize_blockwise_8bit(v, _UNSIGNED_MIDS, bs)
+        self.assign(self._m_codes[index], m_codes)
+        self.assign(self._m_absmax[index], m_absmax)
+        self.assign(self._v_codes[index], v_codes)
+        self.assign(self._v_absmax[index], v_absmax)
+
+    def _require_built(self, method: str) -> None:
+        if not self.built:
+            raise ValueError(
+                f"AdamW8bit.{method}() needs a built optimizer: call "
+                "`optimizer.build(model.trainable_variables)` or train first."
+            )
+
+    def _state_lists(self):
+        return (
+            self._m_codes,
+            self._m_absmax,
+            self._v_codes,
+            self._v_absmax,
+            self._m_float,
+            self._v_float,
+        )
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+    ):
+        allowed = "a positive int" if minimum == 1 else "an int >= 0"
+        raise ValueError(
+            f"`{name}` must be {allowed}. Received: {name}={value!r}"
+        )
+
+
+def _optimizer_from_name(name: str):
+    key = name.lower()
+    if key == "adam":
+        return keras.optimizers.Adam()
+    if key == "adamw":
+        return keras.optimizers.AdamW()
+    raise ValueError(
+        "AdamW8bit.from_optimizer supports only 'adam' and 'adamw' (or "
+        "keras.optimizers.Adam / AdamW instances) for 8-bit state. "
+        f"Received: optimizer={name!r}"
+    )
