@@ -140,3 +140,19 @@ def test_keras_file_round_trip_keeps_the_offloaded_state(tmp_path):
         _fit(q, q.optimizer, epochs=1),
         rtol=1e-6,
     )
+
+
+def test_8bit_state_offloaded_through_apply_options():
+    q = _qlora(offload_optimizer=True, optimizer_8bit=True)
+    losses = _fit(q, keras.optimizers.AdamW(1e-2), epochs=4)
+    opt = q.optimizer
+    assert isinstance(opt, HostOffloadOptimizer)
+    assert isinstance(opt.inner_optimizer, keras_qlora.training.AdamW8bit)
+    assert opt.inner_optimizer.learning_rate.numpy() == np.float32(1e-2)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_8bit_option_refuses_other_optimizers():
+    q = _qlora(optimizer_8bit=True)
+    with pytest.raises(TypeError, match="Adam"):
+        q.compile(optimizer=keras.optimizers.SGD(), loss="mse")
