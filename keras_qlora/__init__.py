@@ -6,6 +6,17 @@ to the target layers; train with `model.fit`.
 """
 
 from keras_qlora import interop
+from keras_qlora import training
+from keras_qlora.adapters import active_adapter
+from keras_qlora.adapters import adapters_enabled
+from keras_qlora.adapters import add_adapter
+from keras_qlora.adapters import delete_adapter
+from keras_qlora.adapters import disable_adapters
+from keras_qlora.adapters import enable_adapters
+from keras_qlora.adapters import list_adapters
+from keras_qlora.adapters import load_adapter
+from keras_qlora.adapters import save_adapter
+from keras_qlora.adapters import set_adapter
 from keras_qlora import quantizers
 from keras_qlora import report
 from keras_qlora.export import export
@@ -22,6 +33,17 @@ from keras_qlora.rewrite import apply
 __version__ = "0.1.0"
 
 __all__ = [
+    "active_adapter",
+    "adapters_enabled",
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "enable_adapters",
+    "list_adapters",
+    "load_adapter",
+    "save_adapter",
+    "set_adapter",
+    "training",
     "NF4State",
     "QLoRADense",
     "QLoRAEinsumDense",

@@ -177,6 +177,7 @@ class QLoRAModel(keras.Model):
             "bytes_before": report.get("bytes_before"),
             "params_before": report.get("params_before"),
             "training": training,
+            "adapters": self._adapter_config(),
         }
 
     @classmethod
@@ -185,6 +186,12 @@ class QLoRAModel(keras.Model):
             config["base_model"], custom_objects=custom_objects
         )
         settings = dict(config["settings"])
+        training = dict(config.get("training") or {})
+        if isinstance(training.get("gradient_checkpointing"), list):
+            # Saved as exact paths: match those paths only, not suffixes.
+            training["gradient_checkpointing"] = _exact_paths(
+                training["gradient_checkpointing"]
+            )
         convert.restore(
             base, settings, config["replaced"], config["modules_to_save"]
         )
@@ -196,10 +203,39 @@ class QLoRAModel(keras.Model):
             "bytes_before": config.get("bytes_before"),
             "params_before": config.get("params_before"),
         }
-        return cls(
+        model = cls(
             base,
             settings,
             report=report,
-            training=config.get("training"),
+            training=training,
             name=config.get("name"),
         )
+        # Named adapters exist before the weights (and optimizer slots for
+        # the active one) load.
+        adapters = config.get("adapters")
+        if adapters:
+            for layer in model.qlora_layers(lora_only=True).values():
+                for name in adapters["names"][1:]:
+                    layer.add_adapter(name)
+                layer.set_adapter_state(adapters["active"], adapters["enabled"])
+        return model
+
+    def _adapter_config(self):
+        layers = list(self.qlora_layers(lora_only=True).values())
+        if not layers:
+            return None
+        first = layers[0]
+        return {
+            "names": list(first.adapter_names),
+            "active": first.active_adapter,
+            "enabled": bool(first.lora_enabled),
+        }
+
+
+def _exact_paths(paths):
+    wanted = frozenset(paths)
+
+    def select(path, layer):
+        return path in wanted
+
+    return select

@@ -32,8 +32,8 @@ def collect(model) -> dict:
         k, n = layer.kernel_2d_shape
         storage = _nf4_variables(layer)
         nf4_ids.update(id(v) for v in storage)
-        if layer.has_lora:
-            lora_ids.update(id(v) for v in (layer.lora_a, layer.lora_b))
+        for name in layer.adapter_names:
+            lora_ids.update(id(v) for v in layer.adapter_variables(name))
         size = sum(convert.nbytes(v) for v in storage)
         nf4_weights += k * n
         nf4_bytes += size

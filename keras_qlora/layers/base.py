@@ -4,6 +4,11 @@ A subclass reduces its product to `x2d [M, K] @ W [K, N]`, calls
 `_build_qlora(K, N)` in `build` and `_qlora_matmul(x2d)` in `call`; this
 class owns the frozen NF4 variables, the float32 LoRA pair, their
 serialization and the `NF4State` accessors.
+
+Named adapters: besides its own pair ("default", the variables `lora_a` /
+`lora_b`), a layer can hold more LoRA pairs (`add_adapter`), one of which
+is active; only the active pair is used and trainable. All pairs have the
+layer's rank, alpha and dropout.
 """
 
 import math
@@ -13,14 +18,21 @@ import numpy as np
 from keras import ops
 
 from keras_qlora import ops as qops
+from keras_qlora.layers.adapter_slots import DEFAULT_ADAPTER
+from keras_qlora.layers.adapter_slots import AdapterSlotsMixin
+from keras_qlora.layers.adapter_slots import check_adapter_name
+from keras_qlora.layers.frozen_state import frozen_variable_scope
 from keras_qlora.ops.quantize import quantize_nf4_fused
 from keras_qlora.quantizers import NF4State
 from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
 from keras_qlora.quantizers.state import check_block_size
 from keras_qlora.quantizers.state import num_blocks
 
+# Saved as [index of the active adapter in `adapter_names`, enabled].
+_STATE_KEY = "adapter_state"
 
-class QLoRALayerBase(keras.layers.Layer):
+
+class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
     """Base of `QLoRADense` / `QLoRAEinsumDense`; not used directly.
 
     Args:
@@ -59,6 +71,10 @@ class QLoRALayerBase(keras.layers.Layer):
         self.block_size = check_block_size(block_size)
         self.double_quant = bool(double_quant)
         self.lora_enabled = True
+        self.active_adapter = DEFAULT_ADAPTER
+        # Names of the extra adapters, kept sorted; a tuple of strings, which
+        # Keras' tracker leaves alone.
+        self._extra_adapters = ()
         # The custom TF op cannot be compiled by XLA.
         self.supports_jit = False
         self._lora_drop = (
@@ -78,21 +94,24 @@ class QLoRALayerBase(keras.layers.Layer):
             )
         self.kernel_2d_shape = (int(k), int(n))
         blocks = num_blocks(k * n, self.block_size)
-        self.nf4_packed = self.add_weight(
-            name="nf4_packed",
-            shape=((k * n + 1) // 2,),
-            dtype="uint8",
-            initializer="zeros",
-            trainable=False,
-        )
-        self.nf4_absmax = self.add_weight(
-            name="nf4_absmax",
-            shape=(blocks,),
-            dtype="uint8" if self.double_quant else "float32",
-            initializer="zeros",
-            trainable=False,
-            autocast=False,
-        )
+        # uint8 state cannot be broadcast by multi-worker strategies; see
+        # frozen_state.py.
+        with frozen_variable_scope():
+            self.nf4_packed = self.add_weight(
+                name="nf4_packed",
+                shape=((k * n + 1) // 2,),
+                dtype="uint8",
+                initializer="zeros",
+                trainable=False,
+            )
+            self.nf4_absmax = self.add_weight(
+                name="nf4_absmax",
+                shape=(blocks,),
+                dtype="uint8" if self.double_quant else "float32",
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+            )
         self.nf4_absmax_scale = self.nf4_absmax_offset = None
         if self.double_quant:
             self.nf4_absmax_scale = self.add_weight(
@@ -113,27 +132,32 @@ class QLoRALayerBase(keras.layers.Layer):
             )
         self.lora_a = self.lora_b = None
         if self.rank is not None:
-            # LoRA weights stay float32 under any policy so that small
-            # updates do not underflow; they are cast in `call`.
-            self.lora_a = self.add_weight(
-                name="lora_a",
-                shape=(k, self.rank),
-                dtype="float32",
-                # PEFT's kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(K)).
-                initializer=keras.initializers.VarianceScaling(
-                    scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
-                ),
-                trainable=True,
-                autocast=False,
-            )
-            self.lora_b = self.add_weight(
-                name="lora_b",
-                shape=(self.rank, n),
-                dtype="float32",
-                initializer="zeros",
-                trainable=True,
-                autocast=False,
-            )
+            self.lora_a, self.lora_b = self._add_lora_pair("")
+
+    def _add_lora_pair(self, suffix, trainable=True):
+        k, n = self.kernel_2d_shape
+        # LoRA weights stay float32 under any policy so that small updates
+        # do not underflow; they are cast in `call`.
+        lora_a = self.add_weight(
+            name=f"lora_a{suffix}",
+            shape=(k, self.rank),
+            dtype="float32",
+            # PEFT's kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(K)).
+            initializer=keras.initializers.VarianceScaling(
+                scale=1.0 / 3.0, mode="fan_in", distribution="uniform"
+            ),
+            trainable=trainable,
+            autocast=False,
+        )
+        lora_b = self.add_weight(
+            name=f"lora_b{suffix}",
+            shape=(self.rank, n),
+            dtype="float32",
+            initializer="zeros",
+            trainable=trainable,
+            autocast=False,
+        )
+        return lora_a, lora_b
 
     # -- properties ----------------------------------------------------------
 
@@ -164,11 +188,12 @@ class QLoRALayerBase(keras.layers.Layer):
         )
         if self.rank is None or not self.lora_enabled:
             return y
+        lora_a, lora_b = self.adapter_variables(self.active_adapter)
         h = x
         if self._lora_drop is not None:
             h = self._lora_drop(h, training=training)
-        a = ops.cast(self.lora_a, self.compute_dtype)
-        b = ops.cast(self.lora_b, self.compute_dtype)
+        a = ops.cast(lora_a, self.compute_dtype)
+        b = ops.cast(lora_b, self.compute_dtype)
         delta = ops.matmul(ops.matmul(h, a), b)  # (M, K) @ (K, r) @ (r, N)
         return y + ops.cast(self.lora_scale, self.compute_dtype) * delta
 
@@ -300,7 +325,10 @@ class QLoRALayerBase(keras.layers.Layer):
     # -- serialization ------------------------------------------------------
 
     def _variable_table(self):
-        """(name, variable) pairs that save and load both walk, in order."""
+        """(name, variable) pairs that save and load both walk, in order.
+
+        Extra adapters come last, as `lora_a.<name>` / `lora_b.<name>`.
+        """
         names = [
             "nf4_packed",
             "nf4_absmax",
@@ -311,6 +339,9 @@ class QLoRALayerBase(keras.layers.Layer):
             "lora_b",
         ]
         table = [(n, getattr(self, n, None)) for n in names]
+        for name in self._extra_adapters:
+            lora_a, lora_b = self.adapter_variables(name)
+            table += [(f"lora_a.{name}", lora_a), (f"lora_b.{name}", lora_b)]
         return [(n, v) for n, v in table if v is not None]
 
     def save_own_variables(self, store):
@@ -318,25 +349,52 @@ class QLoRALayerBase(keras.layers.Layer):
             return
         for name, variable in self._variable_table():
             store[name] = variable.numpy()
+        if self._extra_adapters or not self.lora_enabled:
+            active = self.adapter_names.index(self.active_adapter)
+            store[_STATE_KEY] = np.array(
+                [active, int(self.lora_enabled)], "int32"
+            )
 
     def load_own_variables(self, store):
-        table = self._variable_table()
-        missing = [n for n, _ in table if n not in store]
+        keys = set(store.keys())
+        new = self._saved_adapters(keys) - set(self._extra_adapters)
+        if new and self.rank is None:
+            raise ValueError(
+                f"Layer '{self.name}' has no LoRA (rank=None) but the file "
+                f"holds adapters {sorted(new)} for it."
+            )
+        # Extra adapters in the file that this layer lacks are created, but
+        # only once everything has been checked (no partial load).
+        table = [(n, v.shape) for n, v in self._variable_table()]
+        for name in sorted(new):
+            keys_ab = (f"lora_a.{name}", f"lora_b.{name}")
+            table += zip(keys_ab, self._pair_shapes(), strict=True)
+        missing = [n for n, _ in table if n not in keys]
         if missing:
             raise ValueError(
                 f"Layer '{self.name}' cannot load its weights: the file has "
-                f"no {missing}. It has {sorted(store.keys())}. Was it saved "
+                f"no {missing}. It has {sorted(keys)}. Was it saved "
                 "with the same apply() settings?"
             )
-        for name, variable in table:
+        for name, shape in table:
             value = np.asarray(store[name])
-            if tuple(value.shape) != tuple(variable.shape):
+            if tuple(value.shape) != tuple(shape):
                 raise ValueError(
                     f"Layer '{self.name}': saved '{name}' has shape "
-                    f"{value.shape}, the layer expects {tuple(variable.shape)}."
+                    f"{value.shape}, the layer expects {tuple(shape)}."
                 )
-        for name, variable in table:
+        names = (DEFAULT_ADAPTER,) + tuple(
+            sorted(set(self._extra_adapters) | new)
+        )
+        state = self._saved_state(store, keys, names)
+        for name in sorted(new):
+            self.add_adapter(name)
+        for name, variable in self._variable_table():
             variable.assign(store[name])
+        if state is not None:
+            # The file says which adapter was active; otherwise trainable
+            # flags are left as they are.
+            self.set_adapter_state(names[state[0]], bool(state[1]))
 
     def get_config(self):
         config = super().get_config()
@@ -353,6 +411,33 @@ class QLoRALayerBase(keras.layers.Layer):
         return config
 
     # -- private helpers ------------------------------------------------------
+
+    def _saved_adapters(self, keys):
+        """Extra adapter names in a weights store's keys, checked."""
+        split = [key.partition(".") for key in keys]
+        return {
+            check_adapter_name(name)
+            for head, dot, name in split
+            if dot and head in ("lora_a", "lora_b")
+        }
+
+    def _saved_state(self, store, keys, names):
+        """`[active index, enabled]` from the store, checked; or None."""
+        if _STATE_KEY not in keys:
+            return None
+        state = np.asarray(store[_STATE_KEY]).tolist()
+        if not (
+            isinstance(state, list)
+            and len(state) == 2
+            and state[0] in range(len(names))
+            and state[1] in (0, 1)
+        ):
+            raise ValueError(
+                f"Layer '{self.name}': saved '{_STATE_KEY}' must be [index "
+                f"of the active adapter in {list(names)}, 0 or 1]. "
+                f"Received: {state!r}"
+            )
+        return int(state[0]), int(state[1])
 
     def _require_built(self, what):
         if not self.built:

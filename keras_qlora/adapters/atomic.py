@@ -1,0 +1,99 @@
+"""Writing directories so that readers never see a half-written one.
+
+A directory is assembled under a temporary name next to its target
+(`.<name>.tmp-XXXX`, same file system) and renamed into place in one step.
+Replacing an existing directory moves the old one aside first and puts it
+back if the final rename fails, so a failed write never loses the previous
+contents. A process killed between those two renames leaves the old
+directory at `.<name>.old-XXXX`, never deleted.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+
+TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"
+
+
+def write_bytes(path, data: bytes):
+    """Writes `data` to `path` and flushes it to disk (no rename: use inside
+    a staging directory)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def staging_dir(target):
+    """Yields a fresh temporary directory next to `target`.
+
+    It is removed if the block raises; otherwise the caller commits it with
+    `commit_dir`.
+    """
+    target = os.path.abspath(os.fspath(target))
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}{TMP_MARK}", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def commit_dir(tmp, target, overwrite=False):
+    """Renames the staged `tmp` to `target`; removes `tmp` on failure.
+
+    Args:
+        tmp: a directory made by `staging_dir(target)`.
+        target: the final path.
+        overwrite: replace an existing `target` (which must be a directory).
+
+    Raises:
+        FileExistsError: `target` exists and `overwrite` is False.
+        OSError: the rename failed; `target` is as it was before.
+    """
+    target = os.path.abspath(os.fspath(target))
+    try:
+        if not os.path.lexists(target):
+            os.replace(tmp, target)
+        elif not overwrite:
+            raise FileExistsError(
+                f"{target} already exists. Pass overwrite=True to replace it."
+            )
+        else:
+            _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(os.path.dirname(target))
+
+
+def _swap_in(tmp, target):
+    parent, name = os.path.split(target)
+    old = os.path.join(parent, f".{name}{OLD_MARK}{uuid.uuid4().hex[:12]}")
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path):
+    # Makes the rename itself durable; not every file system allows it.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
