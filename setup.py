@@ -1,11 +1,13 @@
 """Build script; metadata lives in setup.cfg.
 
-`build_py` also ships the C++ sources of the fused op inside the package
-(`keras_qlora/_custom_ops`) and, when TensorFlow is importable in the build
-environment (e.g. `pip install --no-build-isolation .`), compiles the op
-library into the package. Otherwise, or when it is built for another
-TensorFlow, the library is compiled on first use into a cache (see
-keras_qlora/ops/_library.py).
+`build_py` also ships the C++ / CUDA sources of the fused op inside the
+package (`keras_qlora/_custom_ops`) and, when TensorFlow is importable in the
+build environment (e.g. `pip install --no-build-isolation .`), compiles the
+op library into the package: with its CUDA kernels when nvcc is found (set
+KERAS_QLORA_CUDA=0 to skip them, KERAS_QLORA_CUDA_ARCHS to choose the GPU
+architectures), CPU kernels only otherwise. Otherwise, or when it is built
+for another TensorFlow or toolchain, the library is compiled on first use
+into a cache (see keras_qlora/ops/_library.py).
 """
 
 import importlib.util
@@ -38,7 +40,8 @@ class BuildPyWithOps(build_py):
         spec.loader.exec_module(library)
         try:
             path = library.write_prebuilt(package / "ops")
-            print(f"keras_qlora: built {path}", file=sys.stderr)
+            print(f"keras_qlora: built {path} (CUDA kernels: "
+                  f"{library.cuda_status()})", file=sys.stderr)
         except Exception as err:  # leave it to the first-use build
             print(f"keras_qlora: could not prebuild the fused op ({err}); "
                   "it will be compiled on first use.", file=sys.stderr)

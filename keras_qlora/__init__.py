@@ -15,8 +15,10 @@ from keras_qlora.adapters import disable_adapters
 from keras_qlora.adapters import enable_adapters
 from keras_qlora.adapters import list_adapters
 from keras_qlora.adapters import load_adapter
+from keras_qlora.adapters import merge
 from keras_qlora.adapters import save_adapter
 from keras_qlora.adapters import set_adapter
+from keras_qlora.adapters import unmerge
 from keras_qlora import quantizers
 from keras_qlora import report
 from keras_qlora.export import export
@@ -41,9 +43,11 @@ __all__ = [
     "enable_adapters",
     "list_adapters",
     "load_adapter",
+    "merge",
     "save_adapter",
     "set_adapter",
     "training",
+    "unmerge",
     "NF4State",
     "QLoRADense",
     "QLoRAEinsumDense",

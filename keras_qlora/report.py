@@ -23,6 +23,8 @@ def collect(model) -> dict:
             "keras_qlora.summary() expects the model returned by "
             f"keras_qlora.apply(). Received: {type(model).__name__}"
         )
+    # A model retired by merge() refuses here, as in its other methods.
+    model.qlora_layers()
     layers, nf4_ids, lora_ids = [], set(), set()
     nf4_weights = nf4_bytes = 0
     for entry in surgery.walk(model.base_model):

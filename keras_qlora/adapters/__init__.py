@@ -10,6 +10,8 @@ Example:
 
 from keras_qlora.adapters.files import load_adapter
 from keras_qlora.adapters.files import save_adapter
+from keras_qlora.adapters.merge import merge
+from keras_qlora.adapters.merge import unmerge
 from keras_qlora.adapters.named import active_adapter
 from keras_qlora.adapters.named import adapters_enabled
 from keras_qlora.adapters.named import add_adapter
@@ -28,6 +30,8 @@ __all__ = [
     "enable_adapters",
     "list_adapters",
     "load_adapter",
+    "merge",
     "save_adapter",
     "set_adapter",
+    "unmerge",
 ]

@@ -1,8 +1,10 @@
 """`python -m keras_qlora.ops [--info | --build]`: which NF4 matmul runs.
 
 --info (default) prints the active path (fused C++ op or pure TensorFlow)
-and why; --build compiles the op library into the cache now and prints the
-compiler's error if that fails.
+and why, whether the op library has CUDA kernels (built with nvcc, or CPU
+kernels only and why), and the GPUs TensorFlow sees; --build compiles the
+op library into the cache now and prints the compiler's error if that
+fails.
 """
 
 import argparse
@@ -30,12 +32,27 @@ def main(argv=None) -> int:
     name, reason = ops.active_path()
     print(f"active path: {name}")
     print(f"reason:      {reason}")
+    print(f"cuda kernels: {_library.cuda_status()}")
+    print(f"gpus:        {_visible_gpus()}")
     try:
         print(f"sources:     {_library.source_dir()}")
         print(f"cache:       {_library.cache_dir()}")
     except FileNotFoundError as err:
         print(f"sources:     missing ({err})")
     return 0 if name == "fused" or not args.build else 1
+
+
+def _visible_gpus() -> str:
+    """The GPUs TensorFlow sees (the CUDA kernels run only on those)."""
+    try:
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+    except Exception as err:  # report, never fail --info
+        return f"unknown ({type(err).__name__}: {err})"
+    if not gpus:
+        return "none visible to TensorFlow"
+    return ", ".join(gpu.name for gpu in gpus)
 
 
 if __name__ == "__main__":

@@ -4,24 +4,41 @@ Importing keras_qlora never fails because the library is missing. The first
 `load()` looks for, in order:
 
 1. a library built at install time next to this file (`_nf4_ops.so`), if
-   its stamp matches the sources and the running TensorFlow;
+   its stamp matches the sources, the toolchain and the running TensorFlow;
 2. a cached build in `$KERAS_QLORA_CACHE` (default
    `~/.cache/keras_qlora`), keyed by a hash of the sources, the TensorFlow
-   version and the compiler flags;
-3. otherwise it compiles the sources with the system g++ into that cache,
-   under a file lock, writing to a temporary file that is renamed into place
-   (so concurrent processes never load a half-written library).
+   version, the compiler flags and the CUDA configuration;
+3. otherwise it compiles the sources into that cache, under a file lock,
+   writing to a temporary file that is renamed into place (so concurrent
+   processes never load a half-written library).
 
-If that fails, or `KERAS_QLORA_PURE_TF=1`, `load()` returns None and
+CUDA: when nvcc is found (`$KERAS_QLORA_NVCC`, PATH, `$CUDA_HOME/bin`,
+`/usr/local/cuda/bin`) and `KERAS_QLORA_CUDA` is not "0", the kernels of
+`custom_ops/cuda/*.cu` are compiled with nvcc for `$KERAS_QLORA_CUDA_ARCHS`
+(e.g. "80;90"), else for the GPUs nvidia-smi lists, else for "80;90"
+(machine code for each, plus PTX of the newest for later GPUs), kept as
+`libkq_nf4_cuda.a` next to the library, and linked into the
+same library with the static CUDA runtime, whose symbols stay hidden
+(`-Wl,--exclude-libs,ALL`), together with the GPU OpKernel (built with
+GOOGLE_CUDA=1). Without nvcc the library holds the CPU kernels only;
+`cuda_status()` and `python -m keras_qlora.ops --info` say which.
+
+If building fails, or `KERAS_QLORA_PURE_TF=1`, `load()` returns None and
 `status()` says why; callers then use the pure-TF path. A process loads the
 library at most once (TensorFlow refuses a second copy of the same kernels).
+
+This module imports only the standard library at top level (TensorFlow
+lazily): the GPU harness (benchmarks/gpu/) loads it by path, on a machine
+without TensorFlow, to build the standalone CUDA C ABI library.
 """
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +47,8 @@ import threading
 
 LIBRARY_NAME = "_nf4_ops.so"
 STAMP_NAME = "_nf4_ops.json"
+CUDA_ARCHIVE_NAME = "libkq_nf4_cuda.a"
+CUDA_ERROR_NAME = "cuda_build_error.txt"
 # -ffp-contract=off: no fused multiply-add contraction, so that the C++
 # quantizer rounds exactly like the numpy reference.
 CXX_FLAGS = (
@@ -39,6 +58,17 @@ CXX_FLAGS = (
     "-ffp-contract=off",
     "-Wno-deprecated-declarations",
 )
+DEFAULT_CUDA_ARCHS = "80;90"
+# Hidden visibility: the C ABI functions are exported explicitly
+# (KQ_NF4_EXPORT in nf4_cuda.h) and nothing else.
+NVCC_FLAGS = (
+    "-std=c++17",
+    "-O3",
+    "-Xcompiler",
+    "-fPIC,-fvisibility=hidden,-ffp-contract=off",
+)
+# The static CUDA runtime needs these system libraries.
+CUDART_LIBS = ("-l:libcudart_static.a", "-ldl", "-lrt", "-lpthread")
 
 _lock = threading.Lock()
 _state = {"module": None, "tried": False, "path": None, "reason": None}
@@ -60,22 +90,67 @@ def source_dir() -> pathlib.Path:
 
 
 def source_files() -> list:
-    return sorted(source_dir().rglob("*.cc"))
+    """The TensorFlow op sources (.cc with TF headers), not the CUDA ones."""
+    root = source_dir()
+    return sorted(
+        p for p in root.rglob("*.cc") if "cuda" not in p.relative_to(root).parts
+    )
+
+
+def cuda_source_files() -> list:
+    """The CUDA kernel sources (no TF headers): custom_ops/cuda/*.cu."""
+    return sorted((source_dir() / "cuda").glob("*.cu"))
+
+
+def cuda_config() -> dict:
+    """How CUDA kernels would be built here (cached for the process).
+
+    Returns:
+        A dict with `enabled` (bool) and `reason` (why not, or a summary),
+        and when enabled `nvcc`, `version`, `archs` (compute capabilities)
+        and `lib_dir` (where `libcudart_static.a` is).
+    """
+    return dict(_cuda_config())
+
+
+def cuda_status() -> str:
+    """One line: whether the library has CUDA kernels, and for what."""
+    config = _cuda_config()
+    if not config["enabled"]:
+        return f"not built ({config['reason']}); CPU kernels only"
+    if _state["path"] is not None:
+        error_file = pathlib.Path(_state["path"]).parent / CUDA_ERROR_NAME
+        if error_file.exists():
+            first = error_file.read_text().strip().splitlines()[:1]
+            return (
+                f"FAILED to build ({first[0] if first else 'no output'}; "
+                f"see {error_file}); CPU kernels only"
+            )
+    return f"built ({config['reason']})"
 
 
 def build_key() -> str:
     """Hash of everything the library depends on."""
     import tensorflow as tf
 
+    config = _cuda_config()
     digest = hashlib.sha256()
     root = source_dir()
     for path in sorted(root.rglob("*")):
-        if path.suffix in (".cc", ".h"):
-            digest.update(str(path.relative_to(root)).encode())
+        relative = path.relative_to(root)
+        # A CPU-only library does not depend on custom_ops/cuda/, and no
+        # library on the CPU emulator of the CUDA kernels (cuda/host/).
+        if "cuda" in relative.parts and not config["enabled"]:
+            continue
+        if "host" in relative.parts:
+            continue
+        if path.suffix in (".cc", ".h", ".cu", ".cuh"):
+            digest.update(str(relative).encode())
             digest.update(path.read_bytes())
     digest.update(tf.__version__.encode())
     digest.update(" ".join(_tf_flags() + list(CXX_FLAGS)).encode())
     digest.update(sys.version.encode())
+    digest.update(json.dumps(_cuda_key(config), sort_keys=True).encode())
     return digest.hexdigest()[:20]
 
 
@@ -87,9 +162,13 @@ def cache_dir() -> pathlib.Path:
 def build(output: pathlib.Path, verbose: bool = False) -> pathlib.Path:
     """Compiles all sources into `output` (atomically); returns the path.
 
-    Each .cc file compiles in its own process (they take seconds each with
-    TensorFlow's headers), then one link step writes a temporary file that is
-    renamed onto `output`.
+    Every .cc (seconds each with TensorFlow's headers) and .cu file compiles
+    in its own process, all at once; with CUDA the .cu objects are archived
+    next to `output` (`libkq_nf4_cuda.a`); one link step writes a temporary
+    file that is renamed onto `output`. If only the CUDA part fails, the
+    library is built with the CPU kernels alone (the CPU path must not
+    depend on a working CUDA toolchain) and the error is kept next to it
+    (`cuda_build_error.txt`, reported by `cuda_status()`).
     """
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
@@ -99,35 +178,114 @@ def build(output: pathlib.Path, verbose: bool = False) -> pathlib.Path:
         )
     output = pathlib.Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    error_file = output.parent / CUDA_ERROR_NAME
+    error_file.unlink(missing_ok=True)
+    config = _cuda_config()
+    try:
+        return _build(output, config, compiler, verbose)
+    except RuntimeError as err:
+        if not config["enabled"]:
+            raise
+        cuda_error = str(err)
+    _build(output, dict(enabled=False), compiler, verbose)
+    _atomic_write(error_file, cuda_error)
+    print(
+        "keras_qlora: the CUDA kernels failed to build; the library has the "
+        f"CPU kernels only. Error:\n{cuda_error[-2000:]}",
+        file=sys.stderr,
+    )
+    return output
+
+
+def _build(output, config, compiler, verbose) -> pathlib.Path:
     compile_flags, link_flags = _tf_flags(split=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
-        objects, procs = [], []
+        jobs, objects = [], []
+        if config["enabled"]:
+            jobs += _start_cuda_compiles(config, tmp)
         for i, src in enumerate(source_files()):
             obj = os.path.join(tmp, f"{i}_{src.stem}.o")
             cmd = [compiler, "-c", *CXX_FLAGS[1:], *compile_flags, str(src)]
-            cmd += ["-o", obj]
-            procs.append(
-                (
-                    src,
-                    subprocess.Popen(
-                        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-                    ),
-                )
-            )
+            if config["enabled"] and src.stem.endswith("_gpu"):
+                cmd.append("-DGOOGLE_CUDA=1")
+            jobs.append((src, obj, _start(cmd + ["-o", obj])))
             objects.append(obj)
-        for src, proc in procs:
-            out = proc.communicate()[0].decode(errors="replace")
-            if proc.returncode != 0:
-                raise RuntimeError(
-                    f"compiling {src.name} failed:\n{out[-4000:]}"
-                )
-            if verbose and out.strip():
-                print(out, file=sys.stderr)
+        _wait_all(jobs, verbose)
+        cuda_link = []
+        if config["enabled"]:
+            archive = output.parent / CUDA_ARCHIVE_NAME
+            _archive(
+                [obj for src, obj, _ in jobs if src.suffix == ".cu"],
+                archive,
+                tmp,
+            )
+            cuda_link = [
+                str(archive),
+                f"-L{config['lib_dir']}",
+                *CUDART_LIBS,
+                "-Wl,--exclude-libs,ALL",
+            ]
         tmp_lib = os.path.join(tmp, LIBRARY_NAME)
-        cmd = [compiler, *CXX_FLAGS, *objects, "-o", tmp_lib, *link_flags]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"linking failed:\n{proc.stderr[-4000:]}")
+        cmd = [compiler, *CXX_FLAGS, *objects, *cuda_link, "-o", tmp_lib]
+        _run(cmd + link_flags, "linking the op library")
+        os.replace(tmp_lib, output)
+    return output
+
+
+def build_cuda_abi_library(
+    output: pathlib.Path, archs=None, archive: pathlib.Path = None
+) -> pathlib.Path:
+    """Builds the standalone CUDA C ABI library (no TensorFlow needed).
+
+    The GPU harness drives this library through ctypes. Only the
+    `kq_nf4_*` functions of custom_ops/cuda/nf4_cuda.h are exported; the
+    static CUDA runtime is linked in with its symbols hidden.
+
+    Args:
+        output: path of the shared library to write (atomically).
+        archs: compute capabilities, e.g. `[90]`; default from
+            `$KERAS_QLORA_CUDA_ARCHS` or "80;90".
+        archive: link this prebuilt `libkq_nf4_cuda.a` (e.g. the op
+            library's) instead of compiling the .cu sources.
+
+    Returns:
+        `output`.
+
+    Raises:
+        RuntimeError: nvcc is missing, or compiling or linking failed.
+
+    Example:
+    >>> build_cuda_abi_library("/tmp/libkq_nf4_cuda.so", archs=[90])
+    """
+    config = _cuda_config(_arch_text(archs))
+    if not config["enabled"]:
+        raise RuntimeError(f"cannot build CUDA kernels: {config['reason']}")
+    output = pathlib.Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CXX", "g++")
+    with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
+        if archive is None:
+            jobs = _start_cuda_compiles(config, tmp)
+            _wait_all(jobs, verbose=False)
+            archive = pathlib.Path(tmp) / CUDA_ARCHIVE_NAME
+            _archive([obj for _, obj, _ in jobs], archive, tmp)
+        tmp_lib = os.path.join(tmp, output.name)
+        _run(
+            [
+                compiler,
+                "-shared",
+                "-fPIC",
+                "-Wl,--whole-archive",
+                str(archive),
+                "-Wl,--no-whole-archive",
+                f"-L{config['lib_dir']}",
+                *CUDART_LIBS,
+                "-Wl,--exclude-libs,libcudart_static.a",
+                "-o",
+                tmp_lib,
+            ],
+            "linking the CUDA C ABI library",
+        )
         os.replace(tmp_lib, output)
     return output
 
@@ -174,6 +332,8 @@ def write_prebuilt(package_ops_dir: pathlib.Path) -> pathlib.Path:
     """Builds the library into the package with a stamp (install time)."""
     package_ops_dir = pathlib.Path(package_ops_dir)
     path = build(package_ops_dir / LIBRARY_NAME)
+    # The CUDA archive is linked in already; wheels need not carry it.
+    (package_ops_dir / CUDA_ARCHIVE_NAME).unlink(missing_ok=True)
     _atomic_write(
         package_ops_dir / STAMP_NAME, json.dumps({"key": build_key()})
     )
@@ -198,15 +358,211 @@ def _find_or_build() -> pathlib.Path:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
             if not target.exists():  # another process may have built it
+                config = _cuda_config()
+                what = (
+                    f"with CUDA kernels: {config['reason']}"
+                    if config["enabled"]
+                    else f"CPU kernels only: {config['reason']}"
+                )
                 print(
                     "keras_qlora: building the fused NF4 op (once per "
-                    f"TensorFlow version) into {target.parent} ...",
+                    f"TensorFlow version; {what}) into {target.parent} ...",
                     file=sys.stderr,
                 )
                 build(target)
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
     return target
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@functools.cache
+def _cuda_config(archs_text: str = None) -> dict:
+    if os.environ.get("KERAS_QLORA_CUDA") == "0":
+        return dict(enabled=False, reason="KERAS_QLORA_CUDA=0 is set")
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        return dict(
+            enabled=False,
+            reason="nvcc not found in $KERAS_QLORA_NVCC, PATH, "
+            "$CUDA_HOME/bin or /usr/local/cuda/bin",
+        )
+    source = "given"
+    if archs_text is None:
+        archs_text = os.environ.get("KERAS_QLORA_CUDA_ARCHS")
+        source = "KERAS_QLORA_CUDA_ARCHS"
+    if archs_text is None:
+        # Compiling costs ~11 s of CPU per architecture: build for the GPUs
+        # this machine has; without one (CI), for both default targets.
+        archs_text = _detected_archs()
+        source = "this machine's GPUs"
+    if archs_text is None:
+        archs_text, source = DEFAULT_CUDA_ARCHS, "default"
+    try:
+        archs = _parse_archs(archs_text)
+        version = _nvcc_version(nvcc)
+        lib_dir = _cudart_static_dir(nvcc)
+    except (OSError, ValueError, subprocess.SubprocessError) as err:
+        return dict(enabled=False, reason=str(err))
+    names = ", ".join(f"sm_{a}" for a in archs)
+    return dict(
+        enabled=True,
+        reason=f"nvcc {version}: {names} + PTX compute_{archs[-1]}, "
+        f"architectures: {source}",
+        nvcc=nvcc,
+        version=version,
+        archs=archs,
+        lib_dir=lib_dir,
+    )
+
+
+def _cuda_key(config: dict) -> dict:
+    if not config["enabled"]:
+        return {"enabled": False}
+    return {k: config[k] for k in ("enabled", "version", "archs")} | {
+        "flags": list(NVCC_FLAGS)
+    }
+
+
+def _arch_text(archs) -> str:
+    if archs is None:
+        return None
+    return ";".join(str(a) for a in archs)
+
+
+def _find_nvcc():
+    explicit = os.environ.get("KERAS_QLORA_NVCC")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and os.access(os.path.join(root, "bin", "nvcc"), os.X_OK):
+            return os.path.join(root, "bin", "nvcc")
+    return None
+
+
+def _detected_archs():
+    """'90' etc. for the GPUs nvidia-smi lists (>= 8.0), or None."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        proc = subprocess.run(
+            [smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    caps = set()
+    for line in proc.stdout.split() if proc.returncode == 0 else []:
+        major, _, minor = line.strip().partition(".")
+        if major.isdigit() and minor.isdigit():
+            caps.add(int(major) * 10 + int(minor))
+    caps = sorted(c for c in caps if c >= 80)
+    return ";".join(map(str, caps)) if caps else None
+
+
+def _parse_archs(text: str) -> list:
+    """'80;90' -> [80, 90] (sorted); tensor-core kernels need >= 80."""
+    parts = [p for p in re.split(r"[;, ]+", text.strip()) if p]
+    try:
+        archs = sorted({int(p) for p in parts})
+    except ValueError:
+        archs = []
+    if not archs or archs[0] < 80:
+        raise ValueError(
+            "KERAS_QLORA_CUDA_ARCHS must list compute capabilities >= 80 "
+            "(the kernels use bf16 mma.sync), e.g. '80;90'. Received: "
+            f"KERAS_QLORA_CUDA_ARCHS={text!r}"
+        )
+    return archs
+
+
+def _nvcc_version(nvcc: str) -> str:
+    out = subprocess.run(
+        [nvcc, "--version"], capture_output=True, text=True, timeout=60
+    ).stdout
+    match = re.search(r"release (\d+\.\d+)", out)
+    if match is None:
+        raise ValueError(f"cannot read the version of {nvcc}: {out[-300:]!r}")
+    return match.group(1)
+
+
+def _cudart_static_dir(nvcc: str) -> str:
+    """The folder of libcudart_static.a, from nvcc's own library paths."""
+    proc = subprocess.run(
+        [nvcc, "--dryrun", "-x", "cu", os.devnull, "-o", os.devnull],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    dirs = re.findall(r'-L"?([^"\s]+)"?', proc.stdout + proc.stderr)
+    root = pathlib.Path(nvcc).resolve().parent.parent
+    dirs += [str(root / "lib64"), str(root / "targets/x86_64-linux/lib")]
+    for d in dirs:
+        if os.path.isfile(os.path.join(d, "libcudart_static.a")):
+            return d
+    raise ValueError(f"libcudart_static.a not found next to {nvcc}: {dirs}")
+
+
+def _gencode_flags(archs: list) -> list:
+    """Machine code for each arch, PTX of the newest for later GPUs."""
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs[:-1]]
+    last = archs[-1]
+    flags.append(
+        f"-gencode=arch=compute_{last},code=[sm_{last},compute_{last}]"
+    )
+    return flags
+
+
+def _start_cuda_compiles(config: dict, tmp: str) -> list:
+    jobs = []
+    for src in cuda_source_files():
+        obj = os.path.join(tmp, f"cuda_{src.stem}.o")
+        cmd = [config["nvcc"], "-c", *NVCC_FLAGS]
+        cmd += _gencode_flags(config["archs"])
+        cxx = os.environ.get("CXX")
+        if cxx:
+            cmd += ["-ccbin", cxx]
+        jobs.append((src, obj, _start(cmd + [str(src), "-o", obj])))
+    return jobs
+
+
+def _archive(objects: list, archive: pathlib.Path, tmp: str):
+    tmp_archive = os.path.join(tmp, "tmp_" + archive.name)
+    _run(["ar", "rcs", tmp_archive, *objects], "archiving the CUDA objects")
+    os.replace(tmp_archive, archive)
+
+
+def _start(cmd: list) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def _wait_all(jobs: list, verbose: bool):
+    """Waits for every compile; raises with the first failure's output."""
+    failure = None
+    for src, _, proc in jobs:
+        out = proc.communicate()[0].decode(errors="replace")
+        if proc.returncode != 0 and failure is None:
+            failure = f"compiling {src.name} failed:\n{out[-4000:]}"
+        elif verbose and out.strip():
+            print(out, file=sys.stderr)
+    if failure is not None:
+        raise RuntimeError(failure)
+
+
+def _run(cmd: list, what: str):
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-4000:]}")
 
 
 def _tf_flags(split=False):
