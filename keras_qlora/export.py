@@ -1,87 +1,166 @@
 """TensorFlow SavedModel export of QLoRA models, and loading them back.
 
-A SavedModel of a model whose layers run the fused op contains
-`KerasQLoRA>NF4Matmul` nodes; TensorFlow can load it only in a process where
-the op library is loaded. `load_saved_model` does that first.
+Two kinds of SavedModel, both with the base weights stored 4-bit (the
+uint8 NF4 variables) and the LoRA matrices in float32:
+
+- fused (default): the graph runs the op `KerasQLoRA>NF4Matmul`, so
+  TensorFlow can load it only in a process where the op library is loaded;
+  `load_saved_model` does that first.
+- portable (`portable=True`): the graph dequantizes the NF4 variables with
+  stock TensorFlow ops (the reference path of `keras_qlora.ops`), so it
+  loads and serves anywhere TensorFlow does (`tf.saved_model.load`, TF
+  Serving) without this package.
 """
 
+import contextlib
 import os
-import pathlib
-import shutil
-import tempfile
 
 import keras
 
 from keras_qlora import ops as qops
+from keras_qlora.adapters import atomic
 
 _NOT_REGISTERED = "Op type not registered"
+_SAVED_MODEL_PB = "saved_model.pb"
+_CUSTOM_OP_PREFIX = qops.OP_TYPE.split(">")[0] + ">"
 
 
-def export(model, path, overwrite=False, verbose=False):
+def export(
+    model,
+    path,
+    overwrite: bool = False,
+    verbose: bool = False,
+    portable: bool = False,
+) -> str:
     """Exports `model` as a TF SavedModel (inference), written atomically.
 
-    The graph uses the fused NF4 op when it is available (see
-    `keras_qlora.ops.active_path()`); load it with `load_saved_model`.
+    The SavedModel has the endpoint `serve` and the signature
+    `serving_default`, both taking the model's inputs (a dict of named
+    tensors for a model with dict inputs, e.g. keras_hub backbones).
 
     Args:
-        model: a built Keras model (e.g. from `keras_qlora.apply`).
+        model: a built Keras model, e.g. the `QLoRAModel` from
+            `keras_qlora.apply`, called or not. Its input signature comes
+            from the base model's inputs (Functional, Sequential, keras_hub
+            backbones), else from the model's first call.
         path: the SavedModel directory to create.
-        overwrite: replace an existing directory at `path`.
+        overwrite: replace an existing SavedModel directory at `path`.
         verbose: let Keras print the exported signatures.
+        portable: when True, trace the graph on the pure-TF reference path:
+            no `KerasQLoRA>*` op, loadable by plain TensorFlow. When False,
+            the graph uses the fused NF4 op if it is available (see
+            `keras_qlora.ops.active_path()`); load it with
+            `load_saved_model`.
 
     Returns:
-        The path, as a string.
+        The absolute path of the SavedModel, as a string.
 
     Raises:
+        TypeError: `model` is not a Keras model, or `overwrite` /
+            `portable` is not a bool.
+        ValueError: the model is not built or its inputs are unknown, or
+            `path` exists and is not a SavedModel directory.
         FileExistsError: `path` exists and `overwrite` is False.
+        RuntimeError: a portable export still contains `KerasQLoRA>*` ops.
+
+    Example:
+
+    ```python
+    model = keras_qlora.apply(keras_hub.models.BertBackbone(...))
+    keras_qlora.export(model, "bert_portable", portable=True)
+    # In any TensorFlow process, without keras_qlora:
+    serve = tf.saved_model.load("bert_portable").signatures[
+        "serving_default"]
+    ```
     """
-    path = pathlib.Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{path} already exists; pass overwrite=True to replace it."
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        model.export(
-            tmp,
-            format="tf_saved_model",
-            verbose=verbose,
-            input_signature=_input_signature(model),
-        )
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
+    _check_flag("overwrite", overwrite)
+    _check_flag("portable", portable)
+    signature = input_signature(model)
+    target = os.path.abspath(os.fspath(path))
+    _check_target(target, overwrite)
+    tracing = qops.reference_path() if portable else contextlib.nullcontext()
+    with atomic.staging_dir(target) as tmp:
+        with tracing:
+            _write_saved_model(model, tmp, signature, verbose)
+        if portable:
+            _check_portable(tmp, model)
+        atomic.commit_dir(tmp, target, overwrite=overwrite)
+    return target
 
 
-def _input_signature(model):
-    """The wrapped model's signature: a QLoRAModel is a subclassed model
-    that may never have been called, but its base model usually knows its
-    inputs (Functional, Sequential, keras_hub backbones)."""
+def input_signature(model) -> list:
+    """The input signature `export` uses for `model`.
+
+    A `QLoRAModel` is a subclassed wrapper, built when `apply` returns but
+    never traced by Keras, so Keras cannot infer its inputs (it reports
+    "The model provided has never called", even after the model has been
+    called or fit). The base model knows them: a Functional / Sequential
+    model from its `Input`s, a subclassed one from its first call.
+
+    Args:
+        model: a built Keras model (a `QLoRAModel` or any other).
+
+    Returns:
+        A list of `keras.InputSpec` structures, one per positional input.
+
+    Raises:
+        TypeError: `model` is not a `keras.Model`.
+        ValueError: the model is not built, or neither it nor its base
+            model has inputs or a recorded call.
+    """
     from keras.src.export.export_utils import get_input_signature
 
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "export expects a keras.Model. Received: "
+            f"model={model!r} of type {type(model).__name__}"
+        )
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built; build it (call it on "
+            "example data, or create it from keras.Input) before export."
+        )
     base = getattr(model, "base_model", None)
-    if getattr(model, "_called", False) or base is None:
-        return None  # let Keras infer it from the model itself
-    try:
-        return get_input_signature(base)
-    except ValueError:
-        return None
+    reasons = []
+    for candidate in (base, model):
+        if not isinstance(candidate, keras.Model):
+            continue
+        try:
+            return get_input_signature(candidate)
+        except ValueError as err:
+            reasons.append(f"'{candidate.name}': {err}")
+    raise ValueError(
+        f"Cannot export model '{model.name}': its inputs are unknown "
+        f"({'; '.join(reasons)}). Call the model once on example data, or "
+        "build it from keras.Input, before export."
+    )
 
 
 def load_saved_model(path):
-    """Loads a SavedModel exported from a QLoRA model (fused or not).
+    """Loads a SavedModel exported from a QLoRA model (fused or portable).
 
-    Loads the fused op library first, so graphs with `KerasQLoRA>NF4Matmul`
-    nodes can be restored. The result is what `tf.saved_model.load`
-    returns: call `loaded.serve(x)`.
+    If the graph uses the fused op, loads its library first, so that
+    `KerasQLoRA>NF4Matmul` nodes can be restored. The result is what
+    `tf.saved_model.load` returns: call `loaded.serve(x)` or
+    `loaded.signatures["serving_default"](**inputs)`.
+
+    Args:
+        path: a SavedModel directory written by `export`.
+
+    Returns:
+        The loaded TensorFlow object.
 
     Raises:
-        RuntimeError: the SavedModel needs the fused op and it could not be
-            loaded in this process (the message says why).
+        RuntimeError: not on the TensorFlow backend, or the SavedModel needs
+            the fused op and its library could not be loaded in this
+            process (the message says why).
+
+    Example:
+
+    ```python
+    loaded = keras_qlora.load_saved_model("saved")
+    y = loaded.serve(x)
+    ```
     """
     import tensorflow as tf
 
@@ -90,7 +169,9 @@ def load_saved_model(path):
             "load_saved_model needs the TensorFlow backend "
             "(KERAS_BACKEND=tensorflow)."
         )
-    qops.fused_library()
+    # Portable graphs need no library: do not build it for them.
+    if custom_op_types(path):
+        qops.fused_library()
     try:
         return tf.saved_model.load(str(path))
     except Exception as err:
@@ -99,7 +180,108 @@ def load_saved_model(path):
             raise RuntimeError(
                 f"The SavedModel at {path} uses the fused op {qops.OP_TYPE}, "
                 f"but its library could not be loaded here ({reason}). Run "
-                "`python -m keras_qlora.ops --build` to see why, or export a "
-                "portable model from a process with KERAS_QLORA_PURE_TF=1."
+                "`python -m keras_qlora.ops --build` to see why, or export "
+                "it with keras_qlora.export(model, path, portable=True)."
             ) from err
         raise
+
+
+def custom_op_types(path) -> list:
+    """The `KerasQLoRA>*` op types in a SavedModel's graphs, sorted.
+
+    Looks at the top-level graph and every function in its library (the
+    endpoints, their gradients, nested calls). Empty for a portable export.
+
+    Args:
+        path: a SavedModel directory.
+
+    Returns:
+        Sorted list of op type names; empty when there are none or `path`
+        holds no `saved_model.pb`.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    pb = os.path.join(os.fspath(path), _SAVED_MODEL_PB)
+    if not os.path.isfile(pb):
+        return []
+    saved = saved_model_pb2.SavedModel()
+    with open(pb, "rb") as f:
+        saved.ParseFromString(f.read())
+    found = set()
+    for graph in saved.meta_graphs:
+        nodes = list(graph.graph_def.node)
+        for function in graph.graph_def.library.function:
+            nodes.extend(function.node_def)
+        found.update(n.op for n in nodes if n.op.startswith(_CUSTOM_OP_PREFIX))
+    return sorted(found)
+
+
+# -- private helpers ----------------------------------------------------------
+
+
+def _check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"export: {name} must be a bool (True or False). "
+            f"Received: {name}={value!r}"
+        )
+
+
+def _write_saved_model(model, directory, signature, verbose):
+    """What `model.export(format="tf_saved_model")` does, each weight once.
+
+    Keras' archive tracks the model's `keras.Variable` wrappers and, when
+    writing, the `tf.Variable`s its endpoint captures; both save the same
+    values, so every weight is stored twice (Keras 3.15). Tracking the
+    `tf.Variable`s in both places stores each one once.
+    """
+    archive = keras.export.ExportArchive()
+    archive.track_and_add_endpoint("serve", model, signature)
+    trackable = getattr(archive, "_tf_trackable", None)
+    for name in ("variables", "trainable_variables", "non_trainable_variables"):
+        tracked = getattr(trackable, name, None)
+        if tracked is not None:
+            setattr(trackable, name, [_tf_variable(v) for v in tracked])
+    archive.write_out(directory, verbose=verbose)
+
+
+def _tf_variable(variable):
+    """The `tf.Variable` behind a `keras.Variable` (itself if there is
+    none)."""
+    import tensorflow as tf
+
+    value = getattr(variable, "value", None)
+    return value if isinstance(value, tf.Variable) else variable
+
+
+def _check_target(target, overwrite):
+    """Fails before tracing when `target` may not be (re)written."""
+    if not os.path.lexists(target):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{target} already exists. Pass overwrite=True to replace it."
+        )
+    is_saved_model = os.path.isdir(target) and (
+        not os.listdir(target)
+        or os.path.isfile(os.path.join(target, _SAVED_MODEL_PB))
+    )
+    if not is_saved_model:
+        raise ValueError(
+            f"{target} exists and is not a SavedModel directory (no "
+            f"{_SAVED_MODEL_PB}); refusing to replace it even with "
+            "overwrite=True."
+        )
+
+
+def _check_portable(directory, model):
+    # A layer that multiplies by NF4 weights outside `qops.nf4_matmul`
+    # would still emit the fused op; never write such a model as portable.
+    found = custom_op_types(directory)
+    if found:
+        raise RuntimeError(
+            f"The portable export of model '{model.name}' still contains "
+            f"the ops {found}, which plain TensorFlow cannot load: some "
+            "layer calls the op directly instead of through "
+            "keras_qlora.ops.nf4_matmul."
+        )

@@ -5,7 +5,10 @@ TensorFlow it runs the fused C++ op `KerasQLoRA>NF4Matmul` (custom_ops/),
 which never materializes the float weight; its input gradient is the same op
 with `transpose=True`, registered below at import. When the op library
 cannot be built or loaded, or `KERAS_QLORA_PURE_TF=1`, it runs the pure
-`keras.ops` reference (dequantize, then matmul) and warns once.
+`keras.ops` reference (dequantize, then matmul) and warns once. Inside
+`with reference_path():` it runs the reference without warning, whatever
+the library's state: graphs traced there hold stock TensorFlow ops only
+(portable SavedModels, see `keras_qlora.export`).
 
 The reference path also carries its own gradient on TensorFlow: the input
 gradient dequantizes again in the backward pass, so autodiff never keeps a
@@ -13,7 +16,9 @@ layer's float kernel alive from the forward pass to the backward pass. No
 gradient flows to the 4-bit state on either path.
 """
 
+import contextlib
 import os
+import threading
 import warnings
 
 import keras
@@ -25,6 +30,39 @@ from keras_qlora.ops.reference import nf4_matmul_reference
 OP_TYPE = "KerasQLoRA>NF4Matmul"
 _warned = []
 _checked = []
+# Per thread: tf.function traces in the calling thread, and a portable
+# export must not switch the path of a model training in another thread.
+_forced = threading.local()
+
+
+@contextlib.contextmanager
+def reference_path():
+    """Runs `nf4_matmul` on the pure-TF reference path inside the block.
+
+    Graphs traced inside (e.g. a SavedModel export) then contain only stock
+    TensorFlow ops, with the 4-bit variables dequantized in the graph, so
+    they load without this package. Affects the calling thread only; nests.
+    Meant for inference graphs: the reference runs here without its custom
+    gradient, so autodiff (still correct) keeps each dequantized kernel
+    until the backward pass.
+
+    Example:
+
+    ```python
+    with keras_qlora.ops.reference_path():
+        model.export("saved", format="tf_saved_model")
+    ```
+    """
+    depth = getattr(_forced, "depth", 0)
+    _forced.depth = depth + 1
+    try:
+        yield
+    finally:
+        _forced.depth = depth
+
+
+def _reference_forced():
+    return getattr(_forced, "depth", 0) > 0
 
 
 def fused_library():
@@ -74,6 +112,8 @@ def active_path() -> tuple:
     """Returns `(name, reason)` of the implementation `nf4_matmul` uses."""
     if keras.backend.backend() != "tensorflow":
         return ("reference", f"Keras backend is {keras.backend.backend()}")
+    if _reference_forced():
+        return ("reference", "forced by keras_qlora.ops.reference_path()")
     if fused_library() is not None:
         return ("fused", f"C++ op library {_library.status()['path']}")
     return ("reference", _library.status()["reason"])
@@ -107,7 +147,10 @@ def nf4_matmul(
     """
     _check_dtypes(x, packed, absmax, absmax_scale, absmax_offset)
     state = (packed, absmax, absmax_scale, absmax_offset)
-    if keras.backend.backend() != "tensorflow":
+    # Under reference_path(): plain ops, without the custom-gradient
+    # wrapper, which is slow to trace and adds gradient functions to
+    # exported graphs.
+    if keras.backend.backend() != "tensorflow" or _reference_forced():
         return nf4_matmul_reference(
             x, *state, shape, block_size, transpose=transpose
         )
@@ -233,4 +276,5 @@ __all__ = [
     "dequantize_transposed",
     "fused_library",
     "nf4_matmul",
+    "reference_path",
 ]
