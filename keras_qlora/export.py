@@ -77,7 +77,9 @@ def export(
     _check_flag("portable", portable)
     signature = input_signature(model)
     target = os.path.abspath(os.fspath(path))
-    _check_target(target, overwrite)
+    atomic.check_replaceable(
+        target, overwrite, _SAVED_MODEL_PB, "a SavedModel directory"
+    )
     tracing = qops.reference_path() if portable else contextlib.nullcontext()
     with atomic.staging_dir(target) as tmp:
         with tracing:
@@ -252,26 +254,6 @@ def _tf_variable(variable):
 
     value = getattr(variable, "value", None)
     return value if isinstance(value, tf.Variable) else variable
-
-
-def _check_target(target, overwrite):
-    """Fails before tracing when `target` may not be (re)written."""
-    if not os.path.lexists(target):
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"{target} already exists. Pass overwrite=True to replace it."
-        )
-    is_saved_model = os.path.isdir(target) and (
-        not os.listdir(target)
-        or os.path.isfile(os.path.join(target, _SAVED_MODEL_PB))
-    )
-    if not is_saved_model:
-        raise ValueError(
-            f"{target} exists and is not a SavedModel directory (no "
-            f"{_SAVED_MODEL_PB}); refusing to replace it even with "
-            "overwrite=True."
-        )
 
 
 def _check_portable(directory, model):

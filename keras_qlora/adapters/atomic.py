@@ -27,6 +27,37 @@ def write_bytes(path, data: bytes):
         os.fsync(f.fileno())
 
 
+def check_replaceable(target, overwrite, marker, kind):
+    """Fails unless `target` may be written: it must not exist, or
+    `overwrite` is set and it is an empty directory or one holding
+    `marker` (so that overwrite=True never replaces an unrelated folder).
+
+    Args:
+        target: the directory to write.
+        overwrite: whether an existing directory of this kind may go.
+        marker: a file name every directory of this kind contains.
+        kind: what such a directory is called in messages.
+
+    Raises:
+        FileExistsError: `target` exists and `overwrite` is False.
+        ValueError: `target` exists and is not a directory of this kind.
+    """
+    if not os.path.lexists(target):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{target} already exists. Pass overwrite=True to replace it."
+        )
+    ours = os.path.isdir(target) and (
+        not os.listdir(target) or os.path.isfile(os.path.join(target, marker))
+    )
+    if not ours:
+        raise ValueError(
+            f"{target} exists and is not {kind} (no {marker}); refusing to "
+            "replace it even with overwrite=True."
+        )
+
+
 @contextlib.contextmanager
 def staging_dir(target):
     """Yields a fresh temporary directory next to `target`.

@@ -57,7 +57,9 @@ def save_adapter(model, path, overwrite: bool = False, name=None) -> str:
             f"{named.list_adapters(model)}"
         )
     target = os.path.abspath(os.fspath(path))
-    _check_target(target, overwrite)
+    atomic.check_replaceable(
+        target, overwrite, cfg.CONFIG_FILE, "an adapter directory"
+    )
     with atomic.staging_dir(target) as tmp:
         _write(model, layers, tmp, name)
         atomic.commit_dir(tmp, target, overwrite=overwrite)
@@ -190,25 +192,6 @@ def _config(model, layers, name, base_model):
     return cfg.build(
         name, model.settings, list(layers), module_paths, base_model, ""
     )
-
-
-def _check_target(target, overwrite):
-    if not os.path.lexists(target):
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"{target} already exists. Pass overwrite=True to replace it."
-        )
-    is_adapter = os.path.isdir(target) and (
-        not os.listdir(target)
-        or os.path.isfile(os.path.join(target, cfg.CONFIG_FILE))
-    )
-    if not is_adapter:
-        raise ValueError(
-            f"{target} exists and is not an adapter directory (no "
-            f"{cfg.CONFIG_FILE}); refusing to replace it even with "
-            "overwrite=True."
-        )
 
 
 def _check_fingerprint(saved, model, source):
