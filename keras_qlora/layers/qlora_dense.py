@@ -59,8 +59,12 @@ class QLoRADense(QLoRALayerBase):
                 name="bias",
                 shape=(self.units,),
                 initializer="zeros",
-                trainable=False,
+                trainable=True,
             )
+            # Created trainable (TF records gradients, e.g. through
+            # tf.recompute_grad, only for variables created trainable) and
+            # frozen by default; `apply(bias=...)` unfreezes it.
+            self.bias.trainable = False
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: k})
 
     def call(self, inputs, training=None):

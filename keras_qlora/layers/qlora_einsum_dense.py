@@ -60,8 +60,12 @@ class QLoRAEinsumDense(QLoRALayerBase):
                 name="bias",
                 shape=self._bias_shape,
                 initializer="zeros",
-                trainable=False,
+                trainable=True,
             )
+            # Created trainable (TF records gradients, e.g. through
+            # tf.recompute_grad, only for variables created trainable) and
+            # frozen by default; `apply(bias=...)` unfreezes it.
+            self.bias.trainable = False
 
     def call(self, inputs, training=None):
         x2d, batch_shape = self.plan.input_to_2d(inputs)  # (M, K)

@@ -333,11 +333,15 @@ def test_gradients_reach_only_lora_and_input():
     with tf.GradientTape() as tape:
         tape.watch(x)
         loss = tf.reduce_sum(layer(x) * dy)
+    # The bias is created TF-trainable (so gradients can flow through
+    # tf.recompute_grad when it is opted in) but frozen for Keras; the NF4
+    # state is never watched.
     watched = {v.name for v in tape.watched_variables()}
-    assert watched == {"proj/lora_a:0", "proj/lora_b:0"}
-    grads = tape.gradient(
-        loss, [x, layer.lora_a, layer.lora_b] + layer.non_trainable_variables
-    )
+    assert watched == {"proj/lora_a:0", "proj/lora_b:0", "proj/bias:0"}
+    assert not layer.bias.trainable
+    nf4 = [v for v in layer.non_trainable_variables if "nf4" in v.name]
+    assert len(nf4) == 4
+    grads = tape.gradient(loss, [x, layer.lora_a, layer.lora_b] + nf4)
     dx, da, db = (g.numpy() for g in grads[:3])
     assert all(g is None for g in grads[3:])
     xn = x.numpy()

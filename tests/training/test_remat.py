@@ -419,3 +419,28 @@ def test_apply_option_with_a_selector():
         verbose=False,
     )
     assert q.remat_paths == ["transformer_layer_1"]
+
+
+def test_opted_in_biases_train_inside_checkpointed_blocks():
+    # TF differentiates through tf.recompute_grad only for variables that
+    # were created trainable; opted-in biases must still get gradients.
+    keras.utils.set_random_seed(0)
+    backbone = _tiny_gpt2_float()
+    q = keras_qlora.apply(
+        backbone,
+        target_modules="all-linear",
+        bias="lora_only",
+        gradient_checkpointing=True,
+        verbose=False,
+    )
+    x = {
+        "token_ids": np.arange(32, dtype="int32").reshape(2, 16) % 100,
+        "padding_mask": np.ones((2, 16), "int32"),
+    }
+    biases = [v for v in q.trainable_variables if v.path.endswith("bias")]
+    assert len(biases) >= 8
+    with tf.GradientTape() as tape:
+        loss = _loss(q(x, training=True))
+    grads = tape.gradient(loss, biases)
+    missing = [v.path for v, g in zip(biases, grads) if g is None]
+    assert not missing
