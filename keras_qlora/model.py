@@ -70,11 +70,28 @@ class QLoRAModel(keras.Model):
             dict(training or {}), has_lora
         )
         self._apply_training_options()
+        _forget_traced_functions(base_model)
         if base_model.built:
             self.built = True
 
     def call(self, inputs, training=None):
         return self.base_model(inputs, training=training)
+
+    def generate(self, *args, **kwargs):
+        """Forwards to the base model's `generate` (keras_hub CausalLM and
+        Seq2SeqLM tasks), which runs the QLoRA layers.
+
+        Raises:
+            AttributeError: the base model has no `generate`.
+        """
+        generate = getattr(self.base_model, "generate", None)
+        if generate is None:
+            raise AttributeError(
+                f"The base model '{self.base_model.name}' "
+                f"({type(self.base_model).__name__}) has no generate(); "
+                "only keras_hub generative tasks (CausalLM, Seq2SeqLM) do."
+            )
+        return generate(*args, **kwargs)
 
     def compile(self, optimizer="adamw", **kwargs):
         """As `keras.Model.compile`; the optimizer gets the 8-bit / host
@@ -230,6 +247,22 @@ class QLoRAModel(keras.Model):
             "active": first.active_adapter,
             "enabled": bool(first.lora_enabled),
         }
+
+
+def _forget_traced_functions(base_model):
+    """Drops functions the base model traced before `apply()`.
+
+    A keras_hub task caches its traced `generate` function: it would keep
+    running (and holding) the float layers. XLA cannot compile the NF4 op,
+    so an explicit jit_compile=True is turned off as well.
+    """
+    if getattr(base_model, "generate_function", None) is not None:
+        base_model.generate_function = None
+    for name in ("train_function", "test_function", "predict_function"):
+        if getattr(base_model, name, None) is not None:
+            setattr(base_model, name, None)
+    if getattr(base_model, "_jit_compile", None):
+        base_model._jit_compile = False
 
 
 def _exact_paths(paths):

@@ -16,6 +16,7 @@ from keras_qlora import convert
 from keras_qlora import surgery
 from keras_qlora.convert import numel
 from keras_qlora.layers import QLoRALayerBase
+from keras_qlora.layers.einsum_plan import plan_einsum
 from keras_qlora.model import QLoRAModel
 from keras_qlora.training import options as training_options
 
@@ -210,9 +211,15 @@ def _check_model(model):
 
 
 def _output_size(layer):
+    """N of the layer's `[K, N]` matmul (all output features), or None."""
     kernel = getattr(layer, "kernel", None)
     if kernel is None or len(kernel.shape) == 0:
         return None
+    if isinstance(layer, keras.layers.EinsumDense):
+        try:
+            return plan_einsum(layer.equation, tuple(kernel.shape)).n
+        except ValueError:
+            return None
     return int(kernel.shape[-1])
 
 

@@ -195,3 +195,37 @@ def test_round_trip_of_a_functional_model_with_a_trainable_head(tmp_path):
         "head/kernel",
         "head/bias",
     ]
+
+
+def _tiny_causal_lm():
+    keras.utils.set_random_seed(3)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=64,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+        max_sequence_length=16,
+    )
+    lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    lm.compile(sampler="greedy")
+    return lm
+
+
+def test_generate_is_forwarded_and_not_stale():
+    lm = _tiny_causal_lm()
+    prompt = {
+        "token_ids": np.array([[5, 9, 3] + [0] * 9], "int32"),
+        "padding_mask": np.array([[1, 1, 1] + [0] * 9], bool),
+    }
+    before = lm.generate(prompt, stop_token_ids=None)["token_ids"]
+    q = keras_qlora.apply(lm, target_modules="all-linear", verbose=False)
+    # A large adapter: generation must now run the QLoRA layers, not the
+    # function keras_hub traced (and cached) for the float model.
+    for layer in q.qlora_layers(lora_only=True).values():
+        layer.lora_b.assign(np.full(layer.lora_b.shape, 0.5, "float32"))
+    after = q.generate(prompt, stop_token_ids=None)["token_ids"]
+    assert after.shape == before.shape
+    assert not np.array_equal(after[0, 3:], before[0, 3:])
+    with pytest.raises(AttributeError, match="has no generate"):
+        keras_qlora.apply(_model(), verbose=False).generate(np.zeros((1, 24)))

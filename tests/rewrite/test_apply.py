@@ -305,3 +305,21 @@ def test_summary_reports_measured_memory():
     assert "Replaced layers: 3 NF4 (2 with LoRA)" in text and lines == [text]
     with pytest.raises(TypeError, match="expects the model returned"):
         keras_qlora.summary(_sequential())
+
+
+def test_all_linear_compares_full_output_width_with_the_vocabulary():
+    # An attention EinsumDense whose head size equals the vocabulary size
+    # is not an output head: N (heads * head size) is what counts.
+    tokens = keras.Input((8,), dtype="int32")
+    h = keras.layers.Embedding(16, 32, name="embed")(tokens)
+    q = keras.layers.EinsumDense(
+        "abc,cde->abde", output_shape=(None, 2, 16), name="query"
+    )(h)
+    h2 = keras.layers.Reshape((8, 32))(q)
+    logits = keras.layers.Dense(16, name="lm_head")(h2)
+    model = keras.Model(tokens, logits)
+    result = keras_qlora.apply(
+        model, target_modules="all-linear", verbose=False
+    )
+    replaced = {r["path"] for r in result.qlora_report["replaced"]}
+    assert replaced == {"query"}
