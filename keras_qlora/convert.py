@@ -5,7 +5,9 @@ The mechanics under `apply()` (which decides *which* layers) and under
 model before its weights load).
 """
 
+import ctypes
 import gc
+import platform
 
 import keras
 import numpy as np
@@ -69,7 +71,46 @@ def execute(plan, settings, quantize, verbose):
         if progress is not None:
             progress.update(i + 1)
     gc.collect()
+    release_free_memory()
     return replaced
+
+
+def release_free_memory() -> bool:
+    """Returns memory that glibc's malloc keeps after frees to the OS.
+
+    Freeing a float kernel hands its bytes back to the allocator, not to the
+    OS: glibc keeps freed heap chunks (and raises its mmap threshold after
+    large frees, so later ones also land on the heap) and the process RSS
+    stays at the float model's size. `malloc_trim(0)` gives the free pages
+    of every arena back. Memory held by TensorFlow's own CPU allocator
+    (the BFC pool it uses when oneDNN is on, TF's default on x86) is not
+    malloc's to release and stays in that pool, where training reuses it;
+    `TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1`, set before TensorFlow allocates,
+    makes TF take its memory from malloc, so this call can return it.
+    `apply()` calls it once all layers are converted.
+
+    Returns:
+        True when `malloc_trim` ran and released something, False otherwise
+        (not glibc, nothing to release, or the call is unavailable).
+
+    Example:
+    >>> isinstance(release_free_memory(), bool)
+    True
+    """
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
+def _malloc_trim():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
 
 
 def check_settings(settings):
