@@ -124,6 +124,15 @@ class QLoRAModel(keras.Model):
             logs = multi_worker.with_replica_axis(logs)
         return logs
 
+    def make_train_function(self, force=False):
+        # Keras builds the optimizer inside the first trace of the train
+        # step when no strategy is set, which traces the step twice and
+        # keeps both graphs; building it here, eagerly, traces once.
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and not optimizer.built and self.built:
+            optimizer.build(self.trainable_variables)
+        return super().make_train_function(force=force)
+
     def test_step(self, data):
         logs = super().test_step(data)
         if multi_worker.is_multi_worker(self.distribute_strategy):

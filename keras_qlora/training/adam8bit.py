@@ -63,12 +63,15 @@ def quantize_blockwise_8bit(values, midpoints, block_size: int):
     normed = tf.clip_by_value(blocks / tf.expand_dims(safe, 1), -1.0, 1.0)
     # Nearest code = number of midpoints below the value; ties go down, as
     # in `quantizers.nf4` and bitsandbytes' reference (torch.bucketize).
-    index = tf.searchsorted(
-        tf.constant(midpoints, tf.float32),
-        _unblock(normed, size),
-        side="left",
+    # `LowerBound` is what `tf.searchsorted(side="left")` runs; called on
+    # the 2-D shapes it wants, it skips the wrapper's reshapes and shape
+    # arithmetic (a dozen graph nodes per moment per variable). The padding
+    # is cut after the search.
+    index = tf.raw_ops.LowerBound(
+        sorted_inputs=tf.constant(np.reshape(midpoints, (1, -1)), tf.float32),
+        values=tf.reshape(normed, [1, -1]),
     )
-    return tf.cast(index, tf.uint8), absmax
+    return tf.cast(_unblock(index, size), tf.uint8), absmax
 
 
 def dequantize_blockwise_8bit(q, absmax, code, block_size: int):
@@ -241,16 +244,40 @@ class AdamW8bit(keras.optimizers.Optimizer):
                     total += math.prod(v.shape) * itemsize.itemsize
         return total
 
-    def update_step(self, gradient, variable, learning_rate):
-        """One Adam/AdamW step for `variable` (weight decay is applied before
-        this by the base optimizer, as for `keras.optimizers.AdamW`)."""
-        index = self._get_variable_index(variable)
-        gradient = ops.cast(ops.convert_to_tensor(gradient), "float32")
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # The step size is the same for every variable of a step: compute it
+        # once per step (per traced graph) rather than once per variable.
+        # Every op per variable is a graph node that the traced train step
+        # keeps in memory, and this optimizer already adds many.
+        self._alpha_cache = {}
+        try:
+            super()._backend_update_step(
+                grads, trainable_variables, learning_rate
+            )
+        finally:
+            self._alpha_cache = None
+
+    def _step_size(self, learning_rate):
+        """`lr * sqrt(1 - b2^t) / (1 - b1^t)`, shared within one step."""
+        # None outside `_backend_update_step` (a direct `update_step` call).
+        cache = getattr(self, "_alpha_cache", None)
+        if cache and "alpha" in cache:
+            return cache["alpha"]
         lr = ops.cast(learning_rate, "float32")
         local_step = ops.cast(self.iterations + 1, "float32")
         beta_1_power = ops.power(ops.cast(self.beta_1, "float32"), local_step)
         beta_2_power = ops.power(ops.cast(self.beta_2, "float32"), local_step)
         alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        if cache is not None:
+            cache["alpha"] = alpha
+        return alpha
+
+    def update_step(self, gradient, variable, learning_rate):
+        """One Adam/AdamW step for `variable` (weight decay is applied before
+        this by the base optimizer, as for `keras.optimizers.AdamW`)."""
+        index = self._get_variable_index(variable)
+        gradient = ops.cast(ops.convert_to_tensor(gradient), "float32")
+        alpha = self._step_size(learning_rate)
 
         eight_bit = self._m_codes[index] is not None
         m, v = self._read_moments(index, variable.shape, eight_bit)

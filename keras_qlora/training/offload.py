@@ -79,7 +79,15 @@ class HostOffloadOptimizer(keras.optimizers.Optimizer):
 
     def build(self, var_list):
         _refuse_distribution()
-        with tf.device(self.host_device):
+        # Keras builds the optimizer lazily, inside the first trace of the
+        # train function. A `tf.Variable` created there from another
+        # variable's value cannot have its initializer lifted out of the
+        # graph, so `tf.function` wraps the step in a cond between an
+        # initializing and a regular trace: the whole train step is traced
+        # and held twice over (about twice the tracing time, and some
+        # 0.4 GiB more peak RSS on an 8-layer GPT-2-medium). Creating the
+        # mirrors eagerly, as Keras creates its own variables, avoids it.
+        with tf.init_scope(), tf.device(self.host_device):
             self._mirrors = [
                 tf.Variable(
                     _value(v),
