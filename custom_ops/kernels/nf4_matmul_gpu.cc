@@ -18,6 +18,7 @@
 
 #include "../cuda/nf4_cuda.h"
 #include "nf4_common.h"
+#include "nf4_matmul_args.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/types.h"
@@ -54,40 +55,15 @@ template <typename T, typename AbsT>
 class Nf4MatmulGpuOp : public OpKernel {
  public:
   explicit Nf4MatmulGpuOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("k", &k_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("n", &n_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose", &transpose_));
-    OP_REQUIRES(ctx, k_ >= 1 && n_ >= 1,
-                InvalidArgument("NF4Matmul: k and n must be >= 1. Received: "
-                                "k=", k_, ", n=", n_));
-    OP_REQUIRES(ctx, nf4::IsAllowedBlockSize(block_size_),
-                InvalidArgument("NF4Matmul: block_size must be one of (32, "
-                                "64, 128, 256). Received: block_size=",
-                                block_size_));
-    OP_REQUIRES(ctx, nf4::CheckedMul(k_, n_, &count_),
-                InvalidArgument("NF4Matmul: k * n overflows int64. Received: "
-                                "k=", k_, ", n=", n_));
+    OP_REQUIRES_OK(ctx, attrs_.Read(ctx));
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& x = ctx->input(0);
-    const int64_t in_dim = transpose_ ? n_ : k_;
-    const int64_t out_dim = transpose_ ? k_ : n_;
-    OP_REQUIRES(ctx, x.dims() >= 2,
-                InvalidArgument("NF4Matmul: x must have rank >= 2. Received "
-                                "shape ", x.shape().DebugString()));
-    OP_REQUIRES(ctx, x.dim_size(x.dims() - 1) == in_dim,
-                InvalidArgument("NF4Matmul: the last axis of x must be ",
-                                transpose_ ? "n" : "k", "=", in_dim,
-                                ". Received shape ", x.shape().DebugString()));
-    OP_REQUIRES_OK(ctx, ValidateState(ctx));
-    TensorShape out_shape = x.shape();
-    out_shape.set_dim(x.dims() - 1, out_dim);
     Tensor* y = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &y));
-    const int64_t m = x.NumElements() / in_dim;
+    int64_t m = 0;
+    OP_REQUIRES_OK(ctx, attrs_.Prepare<AbsT>(ctx, &y, &m));
     if (m == 0) return;
+    const Tensor& x = ctx->input(0);
 
     void* stream =
         ctx->op_device_context()->stream()->platform_specific_handle().stream;
@@ -95,10 +71,12 @@ class Nf4MatmulGpuOp : public OpKernel {
     const int allow_tf32 = tsl::tensor_float_32_execution_enabled() ? 1 : 0;
     char err[512] = {0};
     size_t ws_bytes = 0;
+    const Nf4MatmulAttrs& a = attrs_;
     OP_REQUIRES_OK(ctx, AbiStatus(kq_nf4_cuda_workspace_size(
-                                      m, k_, n_, DtypeCode<T>(), block_size_,
-                                      transpose_, KQ_NF4_ALGO_AUTO, allow_tf32,
-                                      stream, &ws_bytes, err, sizeof(err)),
+                                      m, a.k, a.n, DtypeCode<T>(),
+                                      a.block_size, a.transpose,
+                                      KQ_NF4_ALGO_AUTO, allow_tf32, stream,
+                                      &ws_bytes, err, sizeof(err)),
                                   err));
     Tensor workspace;
     void* ws = nullptr;
@@ -117,46 +95,13 @@ class Nf4MatmulGpuOp : public OpKernel {
         ctx->input(2).flat<AbsT>().data(), double_quant ? 1 : 0,
         double_quant ? scale.flat<float>().data() : nullptr,
         double_quant ? offset.flat<float>().data() : nullptr,
-        y->flat<T>().data(), m, k_, n_, block_size_, transpose_,
+        y->flat<T>().data(), m, a.k, a.n, a.block_size, a.transpose,
         KQ_NF4_ALGO_AUTO, allow_tf32, ws, ws_bytes, stream, err, sizeof(err));
     OP_REQUIRES_OK(ctx, AbiStatus(rc, err));
   }
 
  private:
-  // Exactly the sizes the attributes imply (as the CPU kernel checks), so
-  // that no kernel reads past a buffer.
-  Status ValidateState(OpKernelContext* ctx) const {
-    const Tensor& packed = ctx->input(1);
-    const Tensor& absmax = ctx->input(2);
-    const int64_t blocks = nf4::NumBlocks(count_, block_size_);
-    if (packed.dims() != 1 || packed.NumElements() != nf4::PackedBytes(count_))
-      return InvalidArgument(
-          "NF4Matmul: packed must be 1-D with ceil(k * n / 2) = ",
-          nf4::PackedBytes(count_), " bytes for k=", k_, ", n=", n_,
-          ". Received shape ", packed.shape().DebugString());
-    if (absmax.dims() != 1 || absmax.NumElements() != blocks)
-      return InvalidArgument(
-          "NF4Matmul: absmax must be 1-D with ceil(k * n / block_size) = ",
-          blocks, " entries for k=", k_, ", n=", n_, ", block_size=",
-          block_size_, ". Received shape ", absmax.shape().DebugString());
-    if (!std::is_same<AbsT, uint8_t>::value) return Status();
-    const Tensor& scale = ctx->input(3);
-    const Tensor& offset = ctx->input(4);
-    const int64_t nested = nf4::NumNestedBlocks(blocks);
-    if (scale.dims() != 1 || scale.NumElements() != nested)
-      return InvalidArgument(
-          "NF4Matmul: with uint8 absmax (double quantization), absmax_scale "
-          "must be 1-D with ceil(blocks / 256) = ", nested, " entries. "
-          "Received shape ", scale.shape().DebugString());
-    if (offset.dims() != 0)
-      return InvalidArgument(
-          "NF4Matmul: absmax_offset must be a scalar. Received shape ",
-          offset.shape().DebugString());
-    return Status();
-  }
-
-  int64_t k_ = 0, n_ = 0, block_size_ = 0, count_ = 0;
-  bool transpose_ = false;
+  Nf4MatmulAttrs attrs_;
 };
 
 #define KQ_REGISTER_GPU(T, AbsT)                                   \

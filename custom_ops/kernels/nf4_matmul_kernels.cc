@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "nf4_common.h"
+#include "nf4_matmul_args.h"
 #include "nf4_decode.h"
 #include "nf4_gemm.h"
 #include "nf4_gemv.h"
@@ -143,46 +144,23 @@ template <typename T, typename AbsT>
 class Nf4MatmulOp : public OpKernel {
  public:
   explicit Nf4MatmulOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("k", &k_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("n", &n_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("transpose", &transpose_));
-    OP_REQUIRES(ctx, k_ >= 1 && n_ >= 1,
-                InvalidArgument("NF4Matmul: k and n must be >= 1. Received: "
-                                "k=", k_, ", n=", n_));
-    OP_REQUIRES(ctx, nf4::IsAllowedBlockSize(block_size_),
-                InvalidArgument("NF4Matmul: block_size must be one of (32, "
-                                "64, 128, 256). Received: block_size=",
-                                block_size_));
-    OP_REQUIRES(ctx, nf4::CheckedMul(k_, n_, &count_),
-                InvalidArgument("NF4Matmul: k * n overflows int64. Received: "
-                                "k=", k_, ", n=", n_));
+    OP_REQUIRES_OK(ctx, attrs_.Read(ctx));
     const IsaChoice& isa = GetIsa();
     OP_REQUIRES(ctx, isa.error.empty(), InvalidArgument(isa.error));
     isa_ = isa.kernels;
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& x = ctx->input(0);
-    const int64_t in_dim = transpose_ ? n_ : k_;
-    const int64_t out_dim = transpose_ ? k_ : n_;
-    OP_REQUIRES(ctx, x.dims() >= 2,
-                InvalidArgument("NF4Matmul: x must have rank >= 2. Received "
-                                "shape ", x.shape().DebugString()));
-    OP_REQUIRES(ctx, x.dim_size(x.dims() - 1) == in_dim,
-                InvalidArgument("NF4Matmul: the last axis of x must be ",
-                                transpose_ ? "n" : "k", "=", in_dim,
-                                ". Received shape ", x.shape().DebugString()));
-    OP_REQUIRES_OK(ctx, ValidateState(ctx));
-    TensorShape out_shape = x.shape();
-    out_shape.set_dim(x.dims() - 1, out_dim);
     Tensor* y = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &y));
-    const int64_t m = x.NumElements() / in_dim;
+    int64_t m = 0;
+    OP_REQUIRES_OK(ctx, attrs_.Prepare<AbsT>(ctx, &y, &m));
     if (m == 0) return;
+    const Tensor& x = ctx->input(0);
+    const int64_t in_dim = attrs_.in_dim();
+    const int64_t out_dim = attrs_.out_dim();
 
     Problem p = MakeProblem(ctx);
-    p.chunk_order = isa_ != &kScalarKernels && k_ % kChunk == 0;
+    p.chunk_order = isa_ != &kScalarKernels && attrs_.k % kChunk == 0;
     Pool* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     const T* xd = x.flat<T>().data();
     const bool float_out = std::is_same<T, float>::value;
@@ -192,7 +170,7 @@ class Nf4MatmulOp : public OpKernel {
                           : y32.flat<float>().data();
     const bool fused = isa_->fused_rows != nullptr && p.chunk_order;
     const int64_t gemv_rows =
-        !transpose_ && fused ? isa_->gemv_rows : kMaxGemvRows;
+        !attrs_.transpose && fused ? isa_->gemv_rows : kMaxGemvRows;
     // One scratch slice per worker id of ParallelForWithWorkerId.
     const int64_t threads = pool->NumThreads() + 1;
     Scratch scratch;
@@ -200,24 +178,24 @@ class Nf4MatmulOp : public OpKernel {
     if (m <= gemv_rows) {
       OP_REQUIRES_OK(ctx, AllocateFloats(ctx, m * in_dim, &tmp));
       float* xf = tmp.flat<float>().data();
-      scratch.per_thread = transpose_ ? GemvTransposeScratch(p, pool, m)
-                           : fused    ? 0
-                                      : GemvForwardScratch(k_);
+      scratch.per_thread = attrs_.transpose ? GemvTransposeScratch(p, pool, m)
+                           : fused          ? 0
+                                            : GemvForwardScratch(attrs_.k);
       if (scratch.per_thread > 0) {
         OP_REQUIRES_OK(ctx, AllocateFloats(ctx, threads * scratch.per_thread,
                                            &scratch_t));
         scratch.base = scratch_t.flat<float>().data();
       }
-      if (transpose_) {
+      if (attrs_.transpose) {
         ToFloat(pool, xd, m * in_dim, xf);
-        GemvTranspose(*isa_, p, pool, scratch, xf, m, n_, yf);
+        GemvTranspose(*isa_, p, pool, scratch, xf, m, attrs_.n, yf);
       } else {
         if (p.chunk_order) {
-          ToFloatChunkOrder(pool, xd, m, k_, xf);
+          ToFloatChunkOrder(pool, xd, m, attrs_.k, xf);
         } else {
-          ToFloat(pool, xd, m * k_, xf);
+          ToFloat(pool, xd, m * attrs_.k, xf);
         }
-        GemvForward(*isa_, p, pool, scratch, xf, m, n_, yf);
+        GemvForward(*isa_, p, pool, scratch, xf, m, attrs_.n, yf);
       }
     } else {
       const int64_t mpad = nf4::CeilDiv(m, isa_->mp) * isa_->mp;
@@ -227,51 +205,20 @@ class Nf4MatmulOp : public OpKernel {
                                          &scratch_t));
       scratch.base = scratch_t.flat<float>().data();
       float* xp = tmp.flat<float>().data();
-      PackPanels(pool, xd, m, in_dim, isa_->mp, p.chunk_order && !transpose_,
-                 xp);
-      Gemm(*isa_, p, pool, scratch, xp, m, out_dim, in_dim, transpose_, yf);
+      PackPanels(pool, xd, m, in_dim, isa_->mp,
+                 p.chunk_order && !attrs_.transpose, xp);
+      Gemm(*isa_, p, pool, scratch, xp, m, out_dim, in_dim, attrs_.transpose,
+           yf);
     }
     if (!float_out) FromFloat(pool, yf, m * out_dim, y->flat<T>().data());
   }
 
  private:
-  // Every buffer must have exactly the size the attributes imply, so that
-  // no kernel can read past its end.
-  ::tensorflow::Status ValidateState(OpKernelContext* ctx) const {
-    const Tensor& packed = ctx->input(1);
-    const Tensor& absmax = ctx->input(2);
-    const int64_t blocks = nf4::NumBlocks(count_, block_size_);
-    if (packed.dims() != 1 || packed.NumElements() != nf4::PackedBytes(count_))
-      return InvalidArgument(
-          "NF4Matmul: packed must be 1-D with ceil(k * n / 2) = ",
-          nf4::PackedBytes(count_), " bytes for k=", k_, ", n=", n_,
-          ". Received shape ", packed.shape().DebugString());
-    if (absmax.dims() != 1 || absmax.NumElements() != blocks)
-      return InvalidArgument(
-          "NF4Matmul: absmax must be 1-D with ceil(k * n / block_size) = ",
-          blocks, " entries for k=", k_, ", n=", n_, ", block_size=",
-          block_size_, ". Received shape ", absmax.shape().DebugString());
-    if (!std::is_same<AbsT, uint8_t>::value) return ::tensorflow::Status();
-    const Tensor& scale = ctx->input(3);
-    const Tensor& offset = ctx->input(4);
-    const int64_t nested = nf4::NumNestedBlocks(blocks);
-    if (scale.dims() != 1 || scale.NumElements() != nested)
-      return InvalidArgument(
-          "NF4Matmul: with uint8 absmax (double quantization), absmax_scale "
-          "must be 1-D with ceil(blocks / 256) = ", nested, " entries. "
-          "Received shape ", scale.shape().DebugString());
-    if (offset.dims() != 0)
-      return InvalidArgument(
-          "NF4Matmul: absmax_offset must be a scalar. Received shape ",
-          offset.shape().DebugString());
-    return ::tensorflow::Status();
-  }
-
   Problem MakeProblem(OpKernelContext* ctx) const {
     Problem p;
     p.packed = ctx->input(1).flat<uint8_t>().data();
-    p.k = k_;
-    p.block_shift = __builtin_ctzll(static_cast<uint64_t>(block_size_));
+    p.k = attrs_.k;
+    p.block_shift = __builtin_ctzll(static_cast<uint64_t>(attrs_.block_size));
     p.chunk_order = false;
     const AbsT* absmax = ctx->input(2).flat<AbsT>().data();
     if (std::is_same<AbsT, uint8_t>::value) {
@@ -284,8 +231,7 @@ class Nf4MatmulOp : public OpKernel {
     return p;
   }
 
-  int64_t k_ = 0, n_ = 0, block_size_ = 0, count_ = 0;
-  bool transpose_ = false;
+  Nf4MatmulAttrs attrs_;
   const IsaKernels* isa_ = nullptr;
 };
 
