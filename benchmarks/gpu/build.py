@@ -25,6 +25,8 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ABI_NAME = "libkq_nf4_cuda.so"
 EMULATOR_NAME = "libkq_nf4_emulator.so"
+SIMULATOR_NAME = "libkq_nf4_sim.so"
+CUDA_DIR = REPO / "custom_ops" / "cuda"
 
 
 def load_library_module():
@@ -67,6 +69,76 @@ def build_emulator(out_dir: pathlib.Path):
         return None
     os.replace(tmp, out)
     return out
+
+
+def _compile(cmd, out: pathlib.Path, what: str) -> pathlib.Path:
+    """Runs a compiler command that writes `out` (atomically)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    proc = subprocess.run(
+        [*cmd, "-o", str(tmp)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} build failed:\n{proc.stderr[-4000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def simulator_command(sanitizer=None, cuda_dir=CUDA_DIR) -> list:
+    """g++ arguments (without -o) that compile the kernels' own .cu sources
+    and the CUDA stand-in (custom_ops/cuda/sim/) into a host library with the
+    C ABI of nf4_cuda.h. `sanitizer`: None, "thread" or "address";
+    `cuda_dir`: a copy of custom_ops/cuda (tests build altered kernels)."""
+    cuda_dir = pathlib.Path(cuda_dir)
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(
+            f"no C++ compiler ({compiler}) to build the simulator"
+        )
+    cmd = [
+        compiler,
+        "-std=c++17",
+        "-O1" if sanitizer else "-O2",
+        "-g",
+        "-DKQ_CUDA_SIM",
+        "-fPIC",
+        "-pthread",
+        "-ffp-contract=off",
+        "-Wall",
+        "-Werror",
+        "-Wno-unknown-pragmas",
+        f"-I{cuda_dir}",
+    ]
+    if sanitizer:  # OS threads, whose ordering the sanitizers see
+        cmd += [
+            f"-fsanitize={sanitizer}",
+            "-fno-omit-frame-pointer",
+            "-DKQ_SIM_THREADS",
+        ]
+    kernels = sorted(cuda_dir.glob("*.cu"))
+    runtime = sorted((cuda_dir / "sim").glob("*.cc"))
+    return [
+        *cmd,
+        "-x",
+        "c++",
+        *map(str, kernels),
+        "-x",
+        "none",
+        *map(str, runtime),
+    ]
+
+
+def build_simulator(
+    out_dir: pathlib.Path, sanitizer=None, cuda_dir=CUDA_DIR
+) -> pathlib.Path:
+    """The kernels on the host as a shared library (harness --simulate,
+    sim_check.py); named after the sanitizer, if any."""
+    cmd = simulator_command(sanitizer, cuda_dir)
+    cmd += ["-shared", "-fvisibility=hidden"]
+    name = SIMULATOR_NAME
+    if sanitizer:
+        name = name.replace(".so", f"_{sanitizer}.so")
+    return _compile(cmd, pathlib.Path(out_dir) / name, "simulator")
 
 
 def main(argv=None) -> int:

@@ -68,6 +68,10 @@ TIMING_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 TIMING_ROWS = [1, 8, 32, 128, 512, 2048, 8192]
 EMULATE_MAX_MACS = 4e6
 SMALL_MACS = 2e6
+SIMULATE_MACS = 3e5  # the simulator runs each CUDA thread as an OS thread
+# "cuda", or "cpu" with --simulate: the kernels' own source compiled for the
+# host (custom_ops/cuda/sim/), driven through the same C ABI.
+DEVICE = "cuda"
 
 
 # ---------------------------------------------------------------- cases
@@ -134,8 +138,8 @@ class StateCache:
             state = self.q.quantize_nf4(
                 kernel, block_size=block, double_quant=dq, scale_search=False
             )
-            w = torch.from_numpy(self.q.dequantize_nf4(state)).cuda()
-            self.cache[key] = (state, to_device(state), w.double())
+            w = torch.from_numpy(self.q.dequantize_nf4(state)).to(DEVICE)
+            self.cache[key] = (state, to_device(state, DEVICE), w.double())
         return self.cache[key]
 
 
@@ -164,15 +168,21 @@ def run_case(lib, emu, states, sm_count, case):
     state, dstate, w64 = states.get(k, n, block, dq)
     red = n if transpose else k
     tdtype = TORCH_DTYPES[dtype]
-    base = torch.randn(m * red + 8, device="cuda").to(tdtype)
+    base = torch.randn(m * red + 8, device=DEVICE).to(tdtype)
     x = base[1 : 1 + m * red] if misaligned else base[: m * red]
     x = x.view(m, red)
     plan = lib.plan(m, k, n, tdtype, transpose, algo, tf32, block, sm_count)
     problems, notes = [], {}
     try:
         y1 = lib.matmul(x, dstate, transpose, algo, tf32, poison=True)
-        y2 = lib.matmul(x, dstate, transpose, algo, tf32, poison=True)
-        torch.cuda.synchronize()
+        if DEVICE == "cpu":  # the simulator: the blocks in reverse order
+            os.environ["KQ_SIM_REVERSE_BLOCKS"] = "1"
+        try:
+            y2 = lib.matmul(x, dstate, transpose, algo, tf32, poison=True)
+        finally:
+            os.environ.pop("KQ_SIM_REVERSE_BLOCKS", None)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
     except RuntimeError as err:  # the ABI's message, or a CUDA fault
         return [f"error: {err}"], notes
     if m == 0:
@@ -463,10 +473,18 @@ def main(argv=None) -> int:
         help="only small correctness cases (for compute-sanitizer runs)",
     )
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help="no GPU needed: the correctness part on the kernels' CPU "
+        "simulator (custom_ops/cuda/sim/), small cases only",
+    )
     parser.add_argument("--lib", help="a prebuilt libkq_nf4_cuda.so")
     parser.add_argument("--emulator", help="a prebuilt emulator library")
     parser.add_argument("--build-dir", default="/tmp/kq_nf4_gpu")
     args = parser.parse_args(argv)
+    if args.simulate:
+        return simulate(args)
     if not torch.cuda.is_available():
         print("no CUDA device visible to torch", file=sys.stderr)
         return 2
@@ -505,6 +523,39 @@ def main(argv=None) -> int:
         timing(lib, quantizers, out_dir)
     elif not ok:
         print("timing skipped: the kernels are not correct")
+    return 0 if ok else 1
+
+
+def simulate(args) -> int:
+    """The correctness part on the CPU simulator of the kernels: the same
+    cases (those small enough), the same checks; the second run of each
+    case executes the blocks in reverse order."""
+    global DEVICE
+    DEVICE = "cpu"
+    sm_count = int(os.environ.setdefault("KQ_SIM_SM_COUNT", "4"))
+    build_dir = pathlib.Path(args.build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lib_path = args.lib or gpu_build.build_simulator(build_dir)
+    emu_path = args.emulator or gpu_build.build_emulator(build_dir)
+    cases = [
+        c
+        for c in correctness_cases(args.quick)
+        if c[0] * c[1] * c[2] <= SIMULATE_MACS
+    ]
+    print(f"simulator: {lib_path}, {sm_count} SMs, {len(cases)} cases")
+    log = []
+    ok = correctness(
+        CudaNf4(lib_path),
+        Emulator(emu_path) if emu_path else None,
+        load_quantizers(),
+        sm_count,
+        cases,
+        log,
+    )
+    out = os.environ.get("OUT")
+    if out:
+        path = pathlib.Path(out) / "sim_correctness.txt"
+        path.write_text("\n".join(log) + "\n")
     return 0 if ok else 1
 
 

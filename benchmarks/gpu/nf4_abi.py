@@ -47,7 +47,8 @@ def dtype_code(dtype) -> int:
 
 
 class CudaNf4:
-    """The C ABI library; tensors are torch CUDA tensors."""
+    """The C ABI library; tensors are torch CUDA tensors (host tensors for
+    the simulator build, benchmarks/gpu/build.py `build_simulator`)."""
 
     def __init__(self, path):
         self.lib = ctypes.CDLL(str(path))
@@ -131,7 +132,8 @@ class CudaNf4:
         k, n = state["shape"]
         red, out_dim = (n, k) if transpose else (k, n)
         m = x.numel() // red
-        stream = _P(torch.cuda.current_stream().cuda_stream)
+        # The simulator (host tensors) takes no stream.
+        stream = _P(torch.cuda.current_stream().cuda_stream if x.is_cuda else 0)
         err = ctypes.create_string_buffer(512)
         size = ctypes.c_size_t(0)
         args = (

@@ -2,7 +2,11 @@
 // workspace checks and launches on the caller's stream. Never allocates and
 // never synchronizes.
 
+#if defined(KQ_CUDA_SIM)
+#include "sim/cuda_sim.h"
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include <atomic>
 #include <cstdarg>

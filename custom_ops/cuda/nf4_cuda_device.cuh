@@ -4,9 +4,18 @@
 #ifndef KERAS_QLORA_CUSTOM_OPS_CUDA_NF4_CUDA_DEVICE_CUH_
 #define KERAS_QLORA_CUSTOM_OPS_CUDA_NF4_CUDA_DEVICE_CUH_
 
+#if defined(KQ_CUDA_SIM)
+#include "sim/cuda_sim.h"  // the kernels on the host (sim/cuda_sim.h)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+// kernel<<<grid, block, 0, stream>>>(args), spelled so that the simulator
+// can run the same launch on the host.
+#define KQ_LAUNCH(grid, block, stream, ...) \
+  __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#endif
 
 #include <cstdint>
 
@@ -177,9 +186,13 @@ template <typename T>
 struct Operand;
 
 __device__ __forceinline__ uint32_t ToTf32(float v) {
+#if defined(KQ_CUDA_SIM)
+  return kqsim::CvtRnaTf32(v);
+#else
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
   return r;
+#endif
 }
 
 template <>
@@ -192,11 +205,15 @@ struct Operand<float> {
   // m16n8k8: a[4] and b[2] each hold one TF32 element.
   __device__ static void Mma(float c[4], const uint32_t a[4],
                              const uint32_t b[2]) {
+#if defined(KQ_CUDA_SIM)
+    kqsim::Mma(kqsim::MmaShape::kM16N8K8Tf32, c, a, b);
+#else
     asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]),
           "r"(b[1]));
+#endif
   }
 };
 
@@ -211,11 +228,15 @@ struct Operand<__nv_bfloat16> {
   // half).
   __device__ static void Mma(float c[4], const uint32_t a[4],
                              const uint32_t b[2]) {
+#if defined(KQ_CUDA_SIM)
+    kqsim::Mma(kqsim::MmaShape::kM16N8K16Bf16, c, a, b);
+#else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]),
           "r"(b[1]));
+#endif
   }
 };
 
@@ -230,11 +251,15 @@ struct Operand<__half> {
   __device__ static Bits FromActivation(uint16_t raw) { return raw; }
   __device__ static void Mma(float c[4], const uint32_t a[4],
                              const uint32_t b[2]) {
+#if defined(KQ_CUDA_SIM)
+    kqsim::Mma(kqsim::MmaShape::kM16N8K16F16, c, a, b);
+#else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]),
           "r"(b[1]));
+#endif
   }
 };
 

@@ -182,8 +182,8 @@ cudaError_t Forward(const Nf4Args& a, cudaStream_t stream) {
   if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks),
                   static_cast<unsigned>(a.plan.splits));
-  GemvForwardKernel<T, MR, R>
-      <<<grid, kGemvForwardWarps * 32, 0, stream>>>(a, row_blocks);
+  KQ_LAUNCH(grid, kGemvForwardWarps * 32, stream,
+            GemvForwardKernel<T, MR, R>)(a, row_blocks);
   return cudaGetLastError();
 }
 
@@ -194,8 +194,8 @@ cudaError_t Transposed(const Nf4Args& a, cudaStream_t stream) {
   if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks),
                   static_cast<unsigned>(a.plan.splits));
-  GemvTransposeKernel<T, MR>
-      <<<grid, kGemvTransposeWarps * 32, 0, stream>>>(a, col_blocks);
+  KQ_LAUNCH(grid, kGemvTransposeWarps * 32, stream,
+            GemvTransposeKernel<T, MR>)(a, col_blocks);
   return cudaGetLastError();
 }
 

@@ -5,7 +5,11 @@
 #ifndef KERAS_QLORA_CUSTOM_OPS_CUDA_NF4_CUDA_KERNELS_H_
 #define KERAS_QLORA_CUSTOM_OPS_CUDA_NF4_CUDA_KERNELS_H_
 
+#if defined(KQ_CUDA_SIM)
+#include "sim/cuda_sim.h"
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #include "nf4_cuda_math.h"
 

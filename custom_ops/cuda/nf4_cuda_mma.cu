@@ -239,7 +239,8 @@ cudaError_t Launch(const Nf4Args& a, bool x_vec, cudaStream_t stream) {
   if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks),
                   static_cast<unsigned>(a.plan.splits));
-  MmaKernel<T, C><<<grid, kMmaThreads, 0, stream>>>(a, tiles_o, x_vec);
+  KQ_LAUNCH(grid, kMmaThreads, stream,
+            MmaKernel<T, C>)(a, tiles_o, x_vec);
   return cudaGetLastError();
 }
 

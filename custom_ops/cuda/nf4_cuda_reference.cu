@@ -70,7 +70,8 @@ int GridFor(int64_t per_block, int64_t total, int sm_count) {
 template <typename T>
 cudaError_t Reference(const Nf4Args& a, int sm_count, cudaStream_t stream) {
   const int grid = GridFor(kWarps, a.m * a.out(), sm_count);
-  ReferenceKernel<T><<<grid, kThreads, 0, stream>>>(a);
+  KQ_LAUNCH(grid, kThreads, stream,
+            ReferenceKernel<T>)(a);
   return cudaGetLastError();
 }
 
@@ -78,7 +79,8 @@ template <typename T>
 cudaError_t Finalize(const Nf4Args& a, int sm_count, cudaStream_t stream) {
   const int64_t count = a.m * a.out();
   const int grid = GridFor(kThreads, count, sm_count);
-  FinalizeKernel<T><<<grid, kThreads, 0, stream>>>(
+  KQ_LAUNCH(grid, kThreads, stream,
+            FinalizeKernel<T>)(
       a.workspace, a.plan.splits, count, static_cast<T*>(a.y));
   return cudaGetLastError();
 }

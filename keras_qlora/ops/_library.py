@@ -139,10 +139,11 @@ def build_key() -> str:
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
         # A CPU-only library does not depend on custom_ops/cuda/, and no
-        # library on the CPU emulator of the CUDA kernels (cuda/host/).
+        # library on the CPU emulator or the CPU simulator of the CUDA
+        # kernels (cuda/host/, cuda/sim/).
         if "cuda" in relative.parts and not config["enabled"]:
             continue
-        if "host" in relative.parts:
+        if "host" in relative.parts or "sim" in relative.parts:
             continue
         if path.suffix in (".cc", ".h", ".cu", ".cuh"):
             digest.update(str(relative).encode())
