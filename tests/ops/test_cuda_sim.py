@@ -1,0 +1,204 @@
+"""The CUDA kernels' own source, run on the CPU (no GPU needed).
+
+custom_ops/cuda/sim/ compiles the .cu kernels with g++ against a host
+stand-in for CUDA (blocks, __syncthreads, warp shuffles, mma.sync from the
+PTX ISA fragment tables). These tests run, through the C ABI:
+
+- the GPU harness's correctness part (`harness.py --simulate`: every kernel,
+  dtype, both products, split-K, misaligned x; float64 reference, NaN
+  poisoned outputs, a second run with the blocks and threads in reverse
+  order, and the CPU emulator, which must match the GEMV and reference
+  kernels bit for bit);
+- a few cases under ThreadSanitizer (every CUDA thread an OS thread) and
+  AddressSanitizer (`sim_check.py`);
+- broken copies of the kernels, to show that each of those checks catches
+  what it is for: a missing __syncthreads, a wrong mma fragment index, an
+  out-of-bounds read and a divergent barrier.
+
+The sanitizer tests skip when g++ lacks its sanitizer runtimes, unless
+KERAS_QLORA_REQUIRE_SANITIZERS=1 (CI sets it; then they fail).
+"""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+GPU_DIR = REPO / "benchmarks" / "gpu"
+SOURCES = REPO / "custom_ops"
+
+
+def _gxx():
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        pytest.fail(f"no C++ compiler ({compiler}): the op library needs one")
+    return compiler
+
+
+def _require_sanitizer(name: str):
+    compiler = _gxx()
+    runtime = {"thread": "libtsan.so", "address": "libasan.so"}[name]
+    found = subprocess.run(
+        [compiler, f"-print-file-name={runtime}"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if os.path.isabs(found):
+        return
+    message = f"{compiler} has no {runtime}"
+    if os.environ.get("KERAS_QLORA_REQUIRE_SANITIZERS") == "1":
+        pytest.fail(message + " (KERAS_QLORA_REQUIRE_SANITIZERS=1)")
+    pytest.skip(message)
+
+
+def _run(script: str, *args, timeout=600):
+    proc = subprocess.run(
+        [sys.executable, str(GPU_DIR / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={k: v for k, v in os.environ.items() if k != "OUT"},
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _sim_check(tmp_path, sanitizer="none", cuda_dir=None):
+    args = ["--sanitizer", sanitizer, "--build-dir", tmp_path / "build"]
+    if cuda_dir is not None:
+        args += ["--cuda-dir", cuda_dir]
+    return _run("sim_check.py", *args)
+
+
+def _broken_copy(tmp_path, file: str, old: str, new: str) -> pathlib.Path:
+    """A copy of custom_ops/ with `old` replaced by `new` once in
+    custom_ops/cuda/`file`; returns the copy's cuda directory."""
+    root = tmp_path / "custom_ops"
+    for part in ("cuda", "kernels"):
+        shutil.copytree(SOURCES / part, root / part)
+    path = root / "cuda" / file
+    text = path.read_text()
+    assert text.count(old) == 1, f"{old!r} is not unique in {file}"
+    path.write_text(text.replace(old, new))
+    return root / "cuda"
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def test_harness_correctness_passes_on_the_simulated_kernels(tmp_path):
+    _gxx()
+    rc, out = _run("harness.py", "--simulate", "--build-dir", tmp_path)
+    assert rc == 0, out[-3000:]
+    assert "CORRECTNESS VERDICT: PASS" in out, out[-3000:]
+    cases = int(re.search(r"== correctness: (\d+) cases", out).group(1))
+    assert cases >= 100, out[-3000:]
+    # The emulator (custom_ops/cuda/host/) is a separate implementation of
+    # the same arithmetic: it must equal the real kernel code bit for bit.
+    exact, compared = map(
+        int,
+        re.search(r"bit-exact \(gemv/reference\): (\d+)/(\d+)", out).groups(),
+    )
+    assert compared >= 60 and exact == compared, out[-3000:]
+    for dtype in ("float32", "bfloat16", "float16"):
+        for algo in ("gemv", "mma", "reference"):
+            assert re.search(rf"worst error {dtype}\s+{algo}\s", out), (
+                f"no {dtype} {algo} case ran\n{out[-3000:]}"
+            )
+
+
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_sanitizers_find_nothing_in_the_kernels(tmp_path, sanitizer):
+    _require_sanitizer(sanitizer)
+    rc, out = _sim_check(tmp_path, sanitizer)
+    assert rc == 0, out[-4000:]
+    assert "SIM CHECK: PASS" in out
+    assert "Sanitizer" not in out, out[-4000:]
+    assert out.count(" ok (") == 8, out[-4000:]
+
+
+# ---------------------------------------------------------------- the checks
+
+
+def test_a_missing_syncthreads_is_caught(tmp_path):
+    """The transposed GEMV sums its 8 warps' partials in shared memory,
+    one warp after the other; without the barrier the result depends on
+    the thread order (fibers, reverse run) and TSan sees the race."""
+    cuda_dir = _broken_copy(
+        tmp_path,
+        "nf4_cuda_gemv.cu",
+        "acc[i][e];\n    }\n    __syncthreads();\n  }",
+        "acc[i][e];\n    }\n  }",
+    )
+    rc, out = _sim_check(tmp_path / "fibers", "none", cuda_dir)
+    assert rc != 0 and "SIM CHECK: FAIL" in out, out[-3000:]
+    failed = [line for line in out.splitlines() if "'gemv'" in line]
+    assert any(
+        "True, 'bfloat16', 'gemv'" in f and " ok (" not in f for f in failed
+    )
+
+    _require_sanitizer("thread")
+    rc, out = _sim_check(tmp_path / "tsan", "thread", cuda_dir)
+    assert rc != 0 and "ThreadSanitizer: data race" in out, out[-3000:]
+    assert "GemvTransposeKernel" in out, out[-3000:]
+
+
+def test_a_wrong_mma_fragment_index_is_caught(tmp_path):
+    """The simulated mma.sync gathers A and B from the PTX ISA's fragment
+    tables, independently of the kernel's own FragBOffset: a kernel that
+    loads B's second register from the wrong k gives wrong products."""
+    cuda_dir = _broken_copy(
+        tmp_path,
+        "nf4_cuda_math.h",
+        "const int k = C::kTf32 ? t + 4 * r : 2 * t + 8 * r;",
+        "const int k = C::kTf32 ? t + 4 * r : 2 * t + 4 * r;",
+    )
+    rc, out = _sim_check(tmp_path, "none", cuda_dir)
+    assert rc != 0, out[-3000:]
+    mma = [
+        line
+        for line in out.splitlines()
+        if "'mma')" in line or "'mma'," in line
+    ]
+    bad = [line for line in mma if "error " in line and " ok (" not in line]
+    # bf16 and f16 cases fail; the float32 (TF32) path is untouched.
+    assert any("'bfloat16'" in line for line in bad), out[-3000:]
+    assert any("'float16'" in line for line in bad), out[-3000:]
+    assert all("'float32'" not in line for line in bad), out[-3000:]
+
+
+def test_an_out_of_bounds_read_is_caught(tmp_path):
+    """The reference kernel reading one element past the end of its
+    reduction reads past the packed weights: AddressSanitizer reports it."""
+    _require_sanitizer("address")
+    cuda_dir = _broken_copy(
+        tmp_path,
+        "nf4_cuda_reference.cu",
+        "for (int64_t r = lane; r < red; r += 32)",
+        "for (int64_t r = lane; r <= red; r += 32)",
+    )
+    rc, out = _sim_check(tmp_path, "address", cuda_dir)
+    assert rc != 0, out[-3000:]
+    assert "AddressSanitizer" in out and "buffer-overflow" in out, out[-3000:]
+    assert "ReferenceKernel" in out, out[-3000:]
+
+
+def test_a_divergent_barrier_is_reported_not_hung(tmp_path):
+    """__syncthreads that one warp skips would hang or be undefined on a
+    GPU; the simulator reports the deadlock and aborts."""
+    cuda_dir = _broken_copy(
+        tmp_path,
+        "nf4_cuda_mma.cu",
+        "    if (more) StoreStage<T, C>(a, stage, tables, as[buf ^ 1], "
+        "bs[buf ^ 1]);\n    __syncthreads();",
+        "    if (more) StoreStage<T, C>(a, stage, tables, as[buf ^ 1], "
+        "bs[buf ^ 1]);\n    if (warp != 0) __syncthreads();",
+    )
+    rc, out = _sim_check(tmp_path, "none", cuda_dir)
+    assert rc != 0, out[-3000:]
+    assert "kqsim: deadlock in block" in out, out[-3000:]
+    assert "__syncthreads" in out, out[-3000:]
