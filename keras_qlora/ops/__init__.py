@@ -87,23 +87,58 @@ def fused_library():
     return lib if _checked[0] else None
 
 
+# (m, k, n, dtype, transpose) of the self-test. On a GPU they reach every
+# CUDA kernel family (nf4_cuda_plan.h): K = 70 the reference kernel, the
+# float32 cases at M = 2 the forward and transposed GEMV, the bfloat16 case
+# at M = 24 the tensor-core kernel; on a CPU, the CPU kernels' paths.
+_SELF_TEST_CASES = (
+    (2, 70, 3, "float32", False),
+    (2, 64, 40, "float32", False),
+    (2, 64, 40, "float32", True),
+    (24, 64, 40, "bfloat16", False),
+)
+
+
 def _self_test(lib):
     import numpy as np
+    import tensorflow as tf
 
     from keras_qlora.quantizers import quantize_nf4
 
+    case = None
     try:
         rng = np.random.default_rng(0)
-        state = quantize_nf4(rng.standard_normal((70, 3)).astype("float32"))
-        x = rng.standard_normal((2, 70)).astype("float32")
-        args = (state.packed, state.absmax, state.absmax_scale)
-        args += (np.float32(state.absmax_offset),)
-        got = _fused(lib, x, args, state.shape, state.block_size, False)
-        want = nf4_matmul_reference(x, *args, state.shape, state.block_size)
-        if not np.allclose(np.asarray(got), np.asarray(want), atol=1e-4):
-            raise ValueError("results differ from the reference")
+        for case in _SELF_TEST_CASES:
+            m, k, n, dtype, transpose = case
+            state = quantize_nf4(rng.standard_normal((k, n)).astype("float32"))
+            x = tf.cast(
+                rng.standard_normal((m, n if transpose else k)).astype(
+                    "float32"
+                ),
+                dtype,
+            )
+            args = (state.packed, state.absmax, state.absmax_scale)
+            args += (np.float32(state.absmax_offset),)
+            got = _fused(lib, x, args, state.shape, state.block_size, transpose)
+            want = nf4_matmul_reference(
+                x, *args, state.shape, state.block_size, transpose
+            )
+            got = np.asarray(tf.cast(got, "float32"))
+            want = np.asarray(tf.cast(want, "float32"))
+            # float32: accumulation order only; bfloat16: output rounding.
+            tol = 1e-4 if dtype == "float32" else 1e-2 * np.abs(want).max()
+            if got.shape != want.shape or not np.allclose(got, want, atol=tol):
+                raise ValueError(
+                    f"results differ from the reference (largest difference "
+                    f"{np.abs(got - want).max():.3g}, allowed {tol:.3g})"
+                )
     except Exception as err:
-        _library.mark_failed(f"self-test of the fused op failed: {err}")
+        m, k, n, dtype, transpose = case or (0, 0, 0, "?", False)
+        _library.mark_failed(
+            f"self-test of the fused op failed for {dtype} x [{m}, "
+            f"{n if transpose else k}] @ W{'^T' if transpose else ''} "
+            f"(W [{k}, {n}]): {err}"
+        )
         return False
     return True
 

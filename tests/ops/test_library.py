@@ -76,3 +76,35 @@ def test_cache_key_covers_sources_and_tensorflow(tmp_path, monkeypatch):
     assert _library.build_key() != key
     loaded = qops.fused_library() is not None
     assert _library.status()["loaded"] == loaded
+
+
+def test_self_test_covers_every_kernel_family_and_names_a_failure(monkeypatch):
+    """The first-use self-test runs the real op on each case (on a GPU each
+    reaches a different CUDA kernel) and passes; a library that is wrong
+    only for bfloat16 is refused, with the case in the reason."""
+    import tensorflow as tf
+
+    lib = _library.load()
+    assert lib is not None
+    assert {c[3] for c in qops._SELF_TEST_CASES} == {"float32", "bfloat16"}
+    assert {c[4] for c in qops._SELF_TEST_CASES} == {False, True}
+    calls, reasons = [], []
+    monkeypatch.setattr(_library, "mark_failed", reasons.append)
+
+    class Spy:
+        def keras_q_lo_ra_nf4_matmul(self, x, *args, **kwargs):
+            calls.append((x.dtype.name, kwargs["transpose"]))
+            return lib.keras_q_lo_ra_nf4_matmul(x, *args, **kwargs)
+
+    assert qops._self_test(Spy()) is True
+    assert len(calls) == len(qops._SELF_TEST_CASES) and not reasons
+
+    class WrongForBfloat16(Spy):
+        def keras_q_lo_ra_nf4_matmul(self, x, *args, **kwargs):
+            y = super().keras_q_lo_ra_nf4_matmul(x, *args, **kwargs)
+            return y * 1.05 if x.dtype == tf.bfloat16 else y
+
+    assert qops._self_test(WrongForBfloat16()) is False
+    assert len(reasons) == 1
+    assert "bfloat16 x [24, 64] @ W (W [64, 40])" in reasons[0]
+    assert "results differ from the reference" in reasons[0]
