@@ -176,11 +176,11 @@ def run_case(lib, emu, states, sm_count, case):
     try:
         y1 = lib.matmul(x, dstate, transpose, algo, tf32, poison=True)
         if DEVICE == "cpu":  # the simulator: the blocks in reverse order
-            os.environ["KQ_SIM_REVERSE_BLOCKS"] = "1"
+            os.environ["KQ_SIM_REVERSE"] = "1"
         try:
             y2 = lib.matmul(x, dstate, transpose, algo, tf32, poison=True)
         finally:
-            os.environ.pop("KQ_SIM_REVERSE_BLOCKS", None)
+            os.environ.pop("KQ_SIM_REVERSE", None)
         if DEVICE == "cuda":
             torch.cuda.synchronize()
     except RuntimeError as err:  # the ABI's message, or a CUDA fault

@@ -125,21 +125,23 @@ def test_sanitizers_find_nothing_in_the_kernels(tmp_path, sanitizer):
 
 
 def test_a_missing_syncthreads_is_caught(tmp_path):
-    """The transposed GEMV sums its 8 warps' partials in shared memory,
-    one warp after the other; without the barrier the result depends on
-    the thread order (fibers, reverse run) and TSan sees the race."""
+    """The transposed GEMV sums its 8 warps' partials in shared memory, one
+    warp after the other, with a barrier between turns. Without it (one
+    barrier after the loop instead), thread order 0..255 still gives the
+    right sum, but the harness's second run, in reverse order, does not;
+    ThreadSanitizer reports the race."""
     cuda_dir = _broken_copy(
         tmp_path,
         "nf4_cuda_gemv.cu",
         "acc[i][e];\n    }\n    __syncthreads();\n  }",
-        "acc[i][e];\n    }\n  }",
+        "acc[i][e];\n    }\n  }\n  __syncthreads();",
     )
     rc, out = _sim_check(tmp_path / "fibers", "none", cuda_dir)
     assert rc != 0 and "SIM CHECK: FAIL" in out, out[-3000:]
-    failed = [line for line in out.splitlines() if "'gemv'" in line]
-    assert any(
-        "True, 'bfloat16', 'gemv'" in f and " ok (" not in f for f in failed
-    )
+    lines = [line for line in out.splitlines() if "'gemv'" in line]
+    transposed = [line for line in lines if "True, 'bfloat16', 'gemv'" in line]
+    assert transposed and "two runs differ bitwise" in transposed[0], out
+    assert all(" ok (" in line for line in lines if "False, 'float32'" in line)
 
     _require_sanitizer("thread")
     rc, out = _sim_check(tmp_path / "tsan", "thread", cuda_dir)
