@@ -6,12 +6,13 @@
 // Execution model (cuda_sim.cc, engine.h): the blocks of a grid run one
 // after another, in forward or reverse order; the threads of a block are
 // fibers switched at barriers (default) or OS threads (-DKQ_SIM_THREADS,
-// for the sanitizer builds). __syncthreads is a barrier of the block's threads, warp operations
-// (shuffles, mma.sync) are barriers of the warp's 32 lanes that also check
-// that all lanes take part with the same arguments. A barrier that is not
-// reached by every thread within the configured time aborts the process
-// with a message (a divergent __syncthreads or warp operation is a deadlock
-// or undefined behaviour on a GPU). Built with -fsanitize=thread, the
+// for the sanitizer builds). __syncthreads is a barrier of the block's
+// threads; warp operations (shuffles, mma.sync) are barriers of the warp's
+// 32 lanes that also check that all lanes take part with the same
+// arguments. A barrier that some thread never reaches aborts the process
+// with a message (at once with fibers, after KQ_SIM_TIMEOUT_S with OS
+// threads): a divergent __syncthreads or warp operation is a deadlock or
+// undefined behaviour on a GPU. Built with -fsanitize=thread, the
 // barriers are the only synchronization, so ThreadSanitizer reports every
 // shared-memory access pair that __syncthreads does not order; with
 // -fsanitize=address, out-of-bounds reads of global or shared arrays.
