@@ -25,6 +25,7 @@ from keras_qlora.export import export
 from keras_qlora.export import load_saved_model
 from keras_qlora.layers import QLoRADense
 from keras_qlora.layers import QLoRAEinsumDense
+from keras_qlora.loading import from_preset
 from keras_qlora.model import QLoRAModel
 from keras_qlora.quantizers import NF4State
 from keras_qlora.quantizers import dequantize_nf4
@@ -55,6 +56,7 @@ __all__ = [
     "apply",
     "dequantize_nf4",
     "export",
+    "from_preset",
     "interop",
     "load_saved_model",
     "quantize_nf4",

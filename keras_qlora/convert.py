@@ -53,11 +53,22 @@ def restore(model, settings, replaced, modules_to_save):
     freeze(model, list(modules_to_save))
 
 
-def execute(plan, settings, quantize, verbose):
+def execute(plan, settings, quantize, verbose, prebuilt=None):
+    """Replaces each `(Found, with_lora)` of `plan` by its QLoRA layer.
+
+    `prebuilt` maps `id(float layer)` to its QLoRA layer whose NF4 state is
+    already filled (`keras_qlora.from_preset` quantizes each kernel as the
+    checkpoint is read); those float kernels are never read here.
+    """
+    prebuilt = prebuilt or {}
     replaced = []
     progress = keras.utils.Progbar(len(plan)) if verbose and plan else None
     for i, (entry, with_lora) in enumerate(plan):
-        new = convert_layer(entry.layer, settings, with_lora, quantize)
+        new = prebuilt.pop(id(entry.layer), None)
+        if new is None:
+            new = convert_layer(entry.layer, settings, with_lora, quantize)
+        elif quantize:
+            new.copy_bias_from(entry.layer)
         surgery.replace(entry, new)
         replaced.append(
             {

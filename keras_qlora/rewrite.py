@@ -6,6 +6,8 @@ matched by `modules_to_save` stay float and trainable; every other variable
 is frozen. The result is a `QLoRAModel` wrapping the (edited) model.
 """
 
+import dataclasses
+import inspect
 import re
 import time
 from collections.abc import Callable
@@ -21,6 +23,28 @@ from keras_qlora.model import QLoRAModel
 from keras_qlora.training import options as training_options
 
 ALL_LINEAR = "all-linear"
+
+# apply()'s arguments, by where they go: the NF4/LoRA settings, and the
+# training options QLoRAModel applies.
+SETTING_KEYS = (
+    "rank",
+    "alpha",
+    "dropout",
+    "target_modules",
+    "quantize_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "block_size",
+    "double_quant",
+    "scale_search",
+    "use_rslora",
+)
+TRAINING_KEYS = (
+    "bias",
+    "offload_optimizer",
+    "optimizer_8bit",
+    "gradient_checkpointing",
+)
 
 
 def apply(
@@ -105,35 +129,63 @@ def apply(
     >>> [v.name for v in model.trainable_variables]
     ['lora_a', 'lora_b']
     """
-    settings = dict(
-        rank=rank,
-        alpha=alpha,
-        dropout=dropout,
-        target_modules=target_modules,
-        quantize_modules=quantize_modules,
-        exclude_modules=exclude_modules,
-        modules_to_save=modules_to_save,
-        block_size=block_size,
-        double_quant=double_quant,
-        scale_search=scale_search,
-        use_rslora=use_rslora,
-    )
-    training = dict(
-        bias=bias,
-        offload_optimizer=offload_optimizer,
-        optimizer_8bit=optimizer_8bit,
-        gradient_checkpointing=gradient_checkpointing,
-    )
+    arguments = locals()
+    settings = {key: arguments[key] for key in SETTING_KEYS}
+    training = {key: arguments[key] for key in TRAINING_KEYS}
     _check_model(model)
-    # Everything that can be refused is refused before the model is edited.
-    training_options.check_options(training, target_modules is not None)
-    if gradient_checkpointing is not False:
+    selection = prepare(model, settings, training)
+    return finish(model, settings, training, selection, verbose=verbose)
+
+
+def options(**kwargs) -> tuple:
+    """Splits `apply()` keyword arguments, with `apply()`'s defaults.
+
+    Returns:
+        `(settings, training, verbose)` as `apply()` uses them.
+
+    Raises:
+        TypeError: an argument `apply()` does not take (the message lists
+            the ones it takes).
+    """
+    signature = inspect.signature(apply)
+    try:
+        bound = signature.bind(None, **kwargs)
+    except TypeError as err:
+        allowed = ", ".join(list(signature.parameters)[1:])
+        raise TypeError(f"{err}. apply() takes: {allowed}") from None
+    bound.apply_defaults()
+    args = bound.arguments
+    return (
+        {key: args[key] for key in SETTING_KEYS},
+        {key: args[key] for key in TRAINING_KEYS},
+        args["verbose"],
+    )
+
+
+def prepare(model, settings, training) -> "Selection":
+    """Checks the settings and training options against `model` and
+    resolves its selectors; edits nothing (everything that can be refused
+    is refused here, before the model changes)."""
+    training_options.check_options(
+        training, settings["target_modules"] is not None
+    )
+    if training["gradient_checkpointing"] is not False:
         from keras_qlora.training.remat import find_blocks
 
-        find_blocks(model, gradient_checkpointing)
+        find_blocks(model, training["gradient_checkpointing"])
+    return select(model, settings)
+
+
+def finish(model, settings, training, selection, verbose, prebuilt=None):
+    """Replaces the selected layers and wraps `model` in a `QLoRAModel`.
+
+    `prebuilt` maps `id(float layer)` to its QLoRA layer with the NF4 state
+    already filled (`keras_qlora.from_preset` quantizes while loading);
+    those layers' float kernels are never read.
+    """
     bytes_before = convert.variable_bytes(model)
     params_before = sum(numel(v) for v in model.weights)
-    report = rewrite(model, settings, verbose=verbose)
+    report = rewrite(model, settings, selection, verbose, prebuilt)
     report["bytes_before"] = bytes_before
     report["params_before"] = params_before
     return QLoRAModel(
@@ -141,8 +193,43 @@ def apply(
     )
 
 
-def rewrite(model, settings, verbose=False):
-    """Replaces the layers `settings` select, in place; returns a report."""
+def rewrite(model, settings, selection, verbose=False, prebuilt=None):
+    """Replaces the layers of `selection` in place; returns a report."""
+    start = time.perf_counter()
+    replaced = convert.execute(
+        selection.plan,
+        settings,
+        quantize=True,
+        verbose=verbose,
+        prebuilt=prebuilt,
+    )
+    convert.freeze(model, selection.saved_paths)
+    return {
+        "replaced": replaced,
+        "modules_to_save": selection.saved_paths,
+        "unmatched_targets": selection.unmatched_targets,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+@dataclasses.dataclass
+class Selection:
+    """What `rewrite` will do: `plan` lists `(Found, with_lora)` of the
+    layers to quantize, `saved_paths` the `modules_to_save` paths."""
+
+    plan: list
+    saved_paths: list
+    unmatched_targets: list
+
+
+def select(model, settings) -> Selection:
+    """Resolves the selectors of `settings` against `model`; edits nothing.
+
+    Raises:
+        ValueError: keras_qlora already applied, nothing to quantize, or
+            target modules not found (the messages list the model's
+            Dense/EinsumDense paths).
+    """
     convert.check_settings(settings)
     found = surgery.walk(model)
     existing = [f.path for f in found if isinstance(f.layer, QLoRALayerBase)]
@@ -179,17 +266,13 @@ def rewrite(model, settings, verbose=False):
             f"{_describe_selector(settings['target_modules'])} not found "
             f"in the model. Its Dense/EinsumDense layers are: {names}"
         )
-    plan = [(f, id(f.layer) in targets) for f in linear if id(f.layer) in quant]
-    saved_paths = [f.path for f in found if id(f.layer) in saved]
-    start = time.perf_counter()
-    replaced = convert.execute(plan, settings, quantize=True, verbose=verbose)
-    convert.freeze(model, saved_paths)
-    return {
-        "replaced": replaced,
-        "modules_to_save": saved_paths,
-        "unmatched_targets": _unmatched(settings["target_modules"], found),
-        "seconds": time.perf_counter() - start,
-    }
+    return Selection(
+        plan=[
+            (f, id(f.layer) in targets) for f in linear if id(f.layer) in quant
+        ],
+        saved_paths=[f.path for f in found if id(f.layer) in saved],
+        unmatched_targets=_unmatched(settings["target_modules"], found),
+    )
 
 
 def _check_model(model):

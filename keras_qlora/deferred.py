@@ -1,0 +1,67 @@
+"""Building a model whose variables hold no memory until they are needed.
+
+Keras 3 defers a variable inside a `keras.StatelessScope`: the variable
+records its shape, dtype and initializer, and TensorFlow allocates nothing
+until it is initialized. keras_qlora builds a model's skeleton that way
+(`from_preset`, loading a saved `QLoRAModel`), then initializes every
+variable except the float kernels of the layers that become NF4: those are
+never allocated. Symbolic calls (a Functional model wiring its graph) read
+a deferred variable as a graph placeholder, so building works unchanged.
+
+The private Keras names this needs (`_value`, `_deferred_initialize`, the
+registry of uninitialized variables) are used here and nowhere else.
+"""
+
+import contextlib
+
+import keras
+from keras.src.backend.common import global_state
+
+_REGISTRY = "uninitialized_variables"
+
+
+@contextlib.contextmanager
+def deferred_variables():
+    """Variables created inside are deferred (no memory allocated).
+
+    Yields a list that, on exit, holds the variables created inside. On
+    exit they are also taken off Keras' registry of uninitialized
+    variables, so that no later `StatelessScope` initializes (allocates)
+    them behind the caller's back: the caller initializes the ones it
+    keeps with `initialize`.
+
+    Example:
+    >>> with deferred_variables() as created:
+    ...     layer = keras.layers.Dense(4)
+    ...     layer.build((None, 3))
+    >>> is_deferred(layer.kernel)
+    True
+    >>> initialize(layer.weights)
+    >>> is_deferred(layer.kernel)
+    False
+    """
+    before = list(_registry())
+    created = []
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield created
+    finally:
+        known = {id(v) for v in before}
+        created.extend(v for v in _registry() if id(v) not in known)
+        global_state.set_global_attribute(_REGISTRY, before)
+
+
+def is_deferred(variable) -> bool:
+    """True for a variable created deferred and not yet initialized."""
+    return getattr(variable, "_value", True) is None
+
+
+def initialize(variables):
+    """Allocates and initializes the deferred ones among `variables`."""
+    for variable in variables:
+        if is_deferred(variable):
+            variable._deferred_initialize()
+
+
+def _registry():
+    return global_state.get_global_attribute(_REGISTRY) or []
