@@ -3,7 +3,8 @@
 It wraps the edited base model and carries what is needed to rebuild it:
 the base model's own config (which, for keras_hub backbones, rebuilds plain
 Dense/EinsumDense sublayers), the NF4/LoRA settings and the exact list of
-replaced layers. `from_config` rebuilds the base model, puts QLoRA layers
+replaced layers. `from_config` rebuilds the base model (its variables deferred, so the float
+kernels of the replaced layers are never allocated), puts QLoRA layers
 back at the recorded paths, and only then are the saved weights loaded, so
 a `.keras` round trip keeps the 4-bit packing and the separate LoRA weights.
 """
@@ -11,6 +12,7 @@ a `.keras` round trip keeps the 4-bit packing and the separate LoRA weights.
 import keras
 
 from keras_qlora import convert
+from keras_qlora import deferred
 from keras_qlora import surgery
 from keras_qlora.layers import QLoRALayerBase
 from keras_qlora.training import multi_worker
@@ -208,9 +210,13 @@ class QLoRAModel(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        base = keras.saving.deserialize_keras_object(
-            config["base_model"], custom_objects=custom_objects
-        )
+        # The base model is rebuilt with deferred variables: the float
+        # kernels of the layers that become QLoRA layers again are never
+        # allocated; the rest is initialized once the swap is done.
+        with deferred.deferred_variables():
+            base = keras.saving.deserialize_keras_object(
+                config["base_model"], custom_objects=custom_objects
+            )
         settings = dict(config["settings"])
         training = dict(config.get("training") or {})
         if isinstance(training.get("gradient_checkpointing"), list):
@@ -221,6 +227,7 @@ class QLoRAModel(keras.Model):
         convert.restore(
             base, settings, config["replaced"], config["modules_to_save"]
         )
+        deferred.initialize(base.weights)
         report = {
             "replaced": [
                 dict(r, type=None, shape=None) for r in config["replaced"]

@@ -83,19 +83,17 @@ def from_preset(
     kind, config, weight_files = files.preset_format(preset)
     preset = os.fspath(preset)
     loader = _preset_loader(preset, kind, config)
-    kwargs = dict(model_kwargs or {})
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    with deferred.deferred_variables() as created:
-        model = model_class.from_preset(preset, load_weights=False, **kwargs)
+    model = _build_skeleton(model_class, preset, loader, dtype, model_kwargs)
     selection = rewrite.prepare(model, settings, training)
     prebuilt, targets = {}, {}
     for entry, with_lora in selection.plan:
         layer = entry.layer
+        if not deferred.is_deferred(layer.kernel):
+            continue  # a task head built in float: apply() quantizes it
         qlora = _convert(layer, settings, with_lora)
         prebuilt[id(layer)] = qlora
         targets[id(layer.kernel)] = (entry.path, layer, qlora)
-    deferred.initialize(v for v in created if id(v) not in targets)
+    deferred.initialize(v for v in model.weights if id(v) not in targets)
     scale_search = settings["scale_search"]
     with capture.capture_kernels(
         model.weights, targets, scale_search, verbose
@@ -110,6 +108,33 @@ def from_preset(
         )
     return rewrite.finish(
         model, settings, training, selection, verbose=False, prebuilt=prebuilt
+    )
+
+
+def _build_skeleton(model_class, preset, loader, dtype, model_kwargs):
+    """keras_hub's own `from_preset(load_weights=False)`, with the
+    backbone's variables deferred (no memory) .
+
+    A task is built around that backbone outside the deferred scope: its
+    constructor compiles a default optimizer, whose variables cannot be
+    deferred; its own layers (heads) are small and built as keras_hub does.
+    """
+    import keras_hub
+
+    kwargs = dict(model_kwargs or {})
+    backbone_kwargs = {} if dtype is None else {"dtype": dtype}
+    if not issubclass(model_class, keras_hub.models.Task):
+        with deferred.deferred_variables():
+            return model_class.from_preset(
+                preset, load_weights=False, **backbone_kwargs, **kwargs
+            )
+    backbone_class = loader.check_backbone_class()
+    with deferred.deferred_variables():
+        backbone = backbone_class.from_preset(
+            preset, load_weights=False, **backbone_kwargs
+        )
+    return model_class.from_preset(
+        preset, load_weights=False, backbone=backbone, **kwargs
     )
 
 
