@@ -36,9 +36,8 @@ quantiles in bfloat16 (~300 M weights/s); norms are ones.
 
 Disk: 0.11 GB (tiny), 2.2 GB (1b), 13.5 GB (7b), printed up front; the run
 refuses when less is free. What it wrote is deleted at the end, also on
-failure, unless --keep. A --dir that already holds this script's checkpoint
-of that size is reused, and kept. Not a test: it asserts nothing and never
-runs in CI. On 2 cores: tiny ~1 min, 1b ~15 min.
+failure, unless --keep. Not a test: it asserts nothing and never runs in
+CI. On 2 cores: tiny ~1 min, 1b ~15 min.
 
 Run: python benchmarks/big_model.py --size {tiny,1b,7b} [--dir DIR]
      [--keep] [--skip-fit] [--skip-compare] [--allocator tf|system]
@@ -47,6 +46,7 @@ Run: python benchmarks/big_model.py --size {tiny,1b,7b} [--dir DIR]
 import argparse
 import gc
 import json
+import math
 import os
 import shutil
 import statistics
@@ -62,11 +62,15 @@ SIZES = {
     "1b": (2048, 22, 32, 4, 5632, 32000, 2 * 10**9),  # TinyLlama
     "7b": (4096, 32, 32, 32, 11008, 32000, 2 * 10**9),  # Llama-2-7b
 }
-APPLY_KWARGS = dict(target_modules="all-linear", rank=8, verbose=False,
-                    gradient_checkpointing=True, optimizer_8bit=True)  # fmt: skip
+APPLY_KWARGS = dict(
+    target_modules="all-linear",
+    rank=8,
+    gradient_checkpointing=True,
+    optimizer_8bit=True,
+    verbose=False,
+)
 NF4_BITS = 4.127
 WARMUP, STEPS, SEQ = 1, 3, 128
-MARKER = "_keras_qlora_big_model_benchmark"
 _RESULT = "RESULT "
 GIB = 1024**3
 
@@ -78,56 +82,43 @@ def tensor_shapes(size):
     """HF names and [out, in] shapes of a Llama checkpoint, in file order."""
     hidden, layers, heads, kv_heads, inter, vocab, _ = SIZES[size]
     kv = hidden // heads * kv_heads
+    layer = {
+        "input_layernorm": (hidden,),
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "post_attention_layernorm": (hidden,),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
     shapes = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes += [
-            (p + "input_layernorm.weight", (hidden,)),
-            (p + "self_attn.q_proj.weight", (hidden, hidden)),
-            (p + "self_attn.k_proj.weight", (kv, hidden)),
-            (p + "self_attn.v_proj.weight", (kv, hidden)),
-            (p + "self_attn.o_proj.weight", (hidden, hidden)),
-            (p + "post_attention_layernorm.weight", (hidden,)),
-            (p + "mlp.gate_proj.weight", (inter, hidden)),
-            (p + "mlp.up_proj.weight", (inter, hidden)),
-            (p + "mlp.down_proj.weight", (hidden, inter)),
-        ]
+        shapes += [(f"{p}{k}.weight", shape) for k, shape in layer.items()]
     shapes.append(("model.norm.weight", (hidden,)))
     return shapes + [("lm_head.weight", (vocab, hidden))]
-
-
-def numel(shape):
-    """Number of elements of a 1-D or 2-D shape."""
-    return shape[0] * (shape[1] if len(shape) > 1 else 1)
 
 
 def param_counts(size):
     """(all parameters, parameters of the linear layers that become NF4)."""
     shapes = tensor_shapes(size)
-    total = sum(numel(shape) for _, shape in shapes)
-    return total, sum(numel(s) for name, s in shapes if "_proj." in name)
+    total = sum(math.prod(shape) for _, shape in shapes)
+    return total, sum(math.prod(s) for name, s in shapes if "_proj." in name)
 
 
 def hf_config(size):
     """config.json of a `LlamaForCausalLM` of this size."""
     hidden, layers, heads, kv_heads, inter, vocab, _ = SIZES[size]
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "vocab_size": vocab,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        MARKER: size,
-    }
+    return dict(
+        architectures=["LlamaForCausalLM"], model_type="llama",
+        hidden_size=hidden, intermediate_size=inter,
+        num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=vocab,
+        max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+        hidden_act="silu", tie_word_embeddings=False, torch_dtype="bfloat16",
+    )  # fmt: skip
 
 
 def random_bf16(rng, table, shape, chunk=1 << 24):
@@ -148,11 +139,11 @@ def plan_shards(size):
     """The tensors, in order, grouped into shards of at most the max bytes."""
     shards, nbytes = [[]], 0
     for name, shape in tensor_shapes(size):
-        if shards[-1] and nbytes + 2 * numel(shape) > SIZES[size][-1]:
+        if shards[-1] and nbytes + 2 * math.prod(shape) > SIZES[size][-1]:
             shards.append([])
             nbytes = 0
         shards[-1].append((name, shape))
-        nbytes += 2 * numel(shape)
+        nbytes += 2 * math.prod(shape)
     return shards
 
 
@@ -191,19 +182,6 @@ def write_checkpoint(size, directory, written):
         written.append(os.path.join(directory, fname))
         with open(written[-1], "w") as f:
             json.dump(content, f, indent=2)
-
-
-def existing_checkpoint(size, directory):
-    """True if `directory` holds this script's complete `size` checkpoint."""
-    try:
-        with open(os.path.join(directory, "config.json")) as f:
-            config = json.load(f)
-        with open(os.path.join(directory, "model.safetensors.index.json")) as f:
-            files = set(json.load(f)["weight_map"].values())
-    except (OSError, ValueError, KeyError):
-        return False
-    here = all(os.path.exists(os.path.join(directory, f)) for f in files)
-    return config.get(MARKER) == size and here
 
 
 # -- memory readings (child processes) -----------------------------------------
@@ -273,7 +251,7 @@ def measured(*stages):
     return result, dict(readings, s=sum(seconds), stages=seconds, after=after)
 
 
-# -- the children ----------------------------------------------------------------
+# -- the children --------------------------------------------------------------
 
 
 def load_backbone(directory):
@@ -368,7 +346,7 @@ def run_child(args):
     return out
 
 
-# -- driver (parent process) -----------------------------------------------------
+# -- driver (parent process) ---------------------------------------------------
 
 
 def spawn(child, args):
@@ -469,28 +447,25 @@ def main(argv=None):
     need = 2 * param_counts(args.size)[0] + 10**6
     created = args.dir is None or not os.path.exists(args.dir)
     args.dir = os.path.abspath(args.dir or tempfile.mkdtemp(prefix="llama_"))
-    reuse = existing_checkpoint(args.size, args.dir)
     print(f"Llama {args.size}: the checkpoint needs {need / 1e9:.2f} GB of "
-          f"disk in {args.dir}{' (present: reused)' if reuse else ''}")  # fmt: skip
+          f"disk, in {args.dir}")  # fmt: skip
     written = []
     try:
-        if not reuse:
-            os.makedirs(args.dir, exist_ok=True)
-            free = shutil.disk_usage(args.dir).free
-            if free < need * 1.02:
-                sys.exit(f"Not enough disk space in {args.dir}: the "
-                         f"checkpoint needs {need / 1e9:.2f} GB, "
-                         f"{free / 1e9:.2f} GB are free. Pass --dir on a "
-                         "larger disk.")  # fmt: skip
-            start = time.perf_counter()
-            write_checkpoint(args.size, args.dir, written)
-            print(f"  written in {time.perf_counter() - start:.0f} s")
+        os.makedirs(args.dir, exist_ok=True)
+        free = shutil.disk_usage(args.dir).free
+        if free < need * 1.02:
+            sys.exit(f"Not enough disk space in {args.dir}: the checkpoint "
+                     f"needs {need / 1e9:.2f} GB, {free / 1e9:.2f} GB are "
+                     "free. Pass --dir on a larger disk.")  # fmt: skip
+        start = time.perf_counter()
+        write_checkpoint(args.size, args.dir, written)
+        print(f"  written in {time.perf_counter() - start:.0f} s")
         children = ["qlora"]
         if args.size != "7b" and not args.skip_compare:
             children += ["apply", "int4"]
         print_table(args, {child: spawn(child, args) for child in children})
     finally:
-        if reuse or args.keep:
+        if args.keep:
             print(f"checkpoint kept in {args.dir}")
         elif created:
             shutil.rmtree(args.dir, ignore_errors=True)

@@ -71,11 +71,15 @@ def float_kernels(created):
     ]
 
 
-def _unnumbered(mapping):
-    """Paths without Keras' numbering of a repeated auto-generated name
+def _unnumber(path):
+    """A path without Keras' numbering of a repeated auto-generated name
     (a task's `llama3_backbone_1/...` is the reference's
     `llama3_backbone/...`)."""
-    return {re.sub(r"^(\w+?)_\d+/", r"\1/", k): v for k, v in mapping.items()}
+    return re.sub(r"^(\w+_backbone)_\d+/", r"\1/", path)
+
+
+def _unnumbered(mapping):
+    return {_unnumber(key): value for key, value in mapping.items()}
 
 
 def assert_same_model(a, b, inputs):
@@ -94,9 +98,7 @@ def assert_same_model(a, b, inputs):
     # layer's name without its block), so they cannot key a dict.
     assert len(a.weights) == len(b.weights)
     for va, vb in zip(a.weights, b.weights):
-        assert re.sub(r"^(\w+?)_\d+/", r"\1/", va.path) == re.sub(
-            r"^(\w+?)_\d+/", r"\1/", vb.path
-        )
+        assert _unnumber(va.path) == _unnumber(vb.path)
         assert va.dtype == vb.dtype, va.path
         assert va.trainable == vb.trainable, va.path
         if "lora_a" not in va.path:  # random init, B = 0 makes it inert
@@ -118,7 +120,7 @@ def _summary(model):
     # (llama3_backbone, llama3_backbone_1) of the second model built.
     # Columns are as wide as the longest path, so compare words.
     lines = keras_qlora.summary(model, print_fn=None).split("\n")[1:]
-    return [re.sub(r"^(\w+?)_\d+/", r"\1/", line).split() for line in lines]
+    return [_unnumber(line).split() for line in lines]
 
 
 @pytest.mark.parametrize("family,layout,dtype,sharded", CASES)
@@ -266,4 +268,6 @@ def test_real_minilm_equals_apply():
         "padding_mask": np.ones_like(tokens),
     }
     assert_same_model(ours, reference, inputs)
-    assert "Replaced layers: 37 NF4" in _summary(ours)
+    assert ["Replaced", "layers:", "37", "NF4"] in [
+        line[:4] for line in _summary(ours)
+    ]
