@@ -10,6 +10,9 @@ import json
 import os
 import struct
 
+import ml_dtypes
+import numpy as np
+
 # File names keras_hub uses in its own presets, and Transformers' names.
 CONFIG_FILE = "config.json"
 KERAS_WEIGHTS = "model.weights.h5"
@@ -126,9 +129,13 @@ def _index_files(preset, name, index):
     return sorted(files)
 
 
-def check_safetensors(path):
+def check_safetensors(path) -> dict:
     """Checks a safetensors file's header and that no tensor runs past the
     end of the file (a truncated copy); reads no tensor data.
+
+    Returns:
+        `{tensor name: header entry}`, each entry's `data_offsets` made
+        absolute (from the start of the file).
 
     Raises:
         ValueError: the file is truncated or its header is malformed.
@@ -152,11 +159,52 @@ def check_safetensors(path):
             ) from None
     if not isinstance(header, dict):
         raise ValueError(f"'{path}': the safetensors header is not an object.")
+    header.pop("__metadata__", None)
     data = size - 8 - length
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         _check_entry(path, name, info, data, size)
+        start, end = info["data_offsets"]
+        info["data_offsets"] = (8 + length + start, 8 + length + end)
+    return header
+
+
+def read_tensor(path, header, name):
+    """Reads one tensor of a checked safetensors file (`check_safetensors`
+    gives `header`) with a plain read: unlike a memory map, nothing of the
+    file stays resident once the tensor is dropped.
+
+    Raises:
+        KeyError: the file has no tensor `name`.
+    """
+    if name not in header:
+        raise KeyError(f"'{path}' does not contain tensor '{name}'")
+    info = header[name]
+    dtype = _numpy_dtype(path, name, info["dtype"])
+    start, end = info["data_offsets"]
+    value = np.empty(tuple(int(d) for d in info["shape"]), dtype)
+    with open(path, "rb") as f:
+        f.seek(start)
+        if f.readinto(memoryview(value.reshape(-1).view(np.uint8))) != (
+            end - start
+        ):
+            raise ValueError(_truncated(path, os.path.getsize(path), name))
+    return value
+
+
+def _numpy_dtype(path, name, code):
+    if code == "BF16":
+        return ml_dtypes.bfloat16
+    numpy_name = {
+        "F64": "float64", "F32": "float32", "F16": "float16",
+        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+        "U8": "uint8", "BOOL": "bool",
+    }.get(code)  # fmt: skip
+    if numpy_name is None:
+        raise ValueError(
+            f"'{path}': tensor '{name}' has dtype {code}, which keras_qlora "
+            "cannot read."
+        )
+    return np.dtype(numpy_name)
 
 
 def _check_entry(path, name, info, data, size):

@@ -205,7 +205,26 @@ def _load_transformers(model, backbone, loader, preset):
     )
 
     class NamedLoader(SafetensorLoader):
-        """Names the checkpoint tensor in any error while porting it."""
+        """keras_hub's loader, reading each tensor with a plain read (its
+        memory maps keep every shard resident until the end: the whole
+        checkpoint in RSS) and naming the tensor in any error."""
+
+        headers = {}
+
+        def get_tensor(self, hf_weight_key):
+            if self.safetensor_config is None:
+                fname = self.fname or files.HF_WEIGHTS
+            else:
+                weight_map = self.safetensor_config["weight_map"]
+                fname = weight_map[
+                    self.get_prefixed_key(hf_weight_key, weight_map)
+                ]
+            path = os.path.join(preset, fname)
+            if path not in self.headers:
+                self.headers[path] = files.check_safetensors(path)
+            header = self.headers[path]
+            key = self.get_prefixed_key(hf_weight_key, header)
+            return files.read_tensor(path, header, key)
 
         def port_weight(self, keras_variable, hf_weight_key, hook_fn=None):
             try:
