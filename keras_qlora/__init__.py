@@ -5,7 +5,17 @@ NormalFloat (NF4, bitsandbytes-compatible) and adds trainable LoRA adapters
 to the target layers; train with `model.fit`.
 """
 
-from keras_qlora import interop
+import os
+
+# TensorFlow's oneDNN CPU allocator keeps freed memory in a pool of its own:
+# the float kernels that apply() frees, and each training step's
+# temporaries, would stay in RSS. Taking TF's memory from malloc lets
+# `apply()` / `from_preset` hand it back (docs/performance.md). TF reads
+# this when it first allocates, so it must be set before any TF op runs;
+# set it to "0" beforehand to keep TF's pool.
+os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
+
+from keras_qlora import interop  # noqa: E402
 from keras_qlora import training
 from keras_qlora.adapters import active_adapter
 from keras_qlora.adapters import adapters_enabled
