@@ -52,6 +52,10 @@ class KernelCapture:
             kernel = check_source_kernel(layer, tensor)
             del tensor
             qlora.set_nf4_state(qlora.quantize_kernel(kernel, scale_search))
+            del kernel
+            # The kernel's float copies were freed between long-lived NF4
+            # buffers: hand those heap holes back before the next layer.
+            convert.release_free_memory()
             self.filled.add(id(variable))
             self._tick()
 
