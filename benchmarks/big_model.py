@@ -18,18 +18,22 @@ model is never in memory. Then, each in a fresh subprocess:
       c1 and c2 are skipped at 7b (the float model does not fit) and with
       --skip-compare.
 
-The model is the backbone; the loss applies its untied lm_head (the token
-embedding's `reverse_embeddings`) to the hidden states, which is what a
-`LlamaCausalLM` computes, with the same variables.
+The model is the backbone: the loss applies its untied lm_head (the token
+embedding's `reverse_embeddings`) to the hidden states, as a
+`LlamaCausalLM`, which holds the same variables, would.
 
 Peak RSS: a thread samples /proc/self/status every 20 ms ('sampled'), and
 VmHWM is reset (/proc/self/clear_refs) just before the measured call.
 'growth' is the sampled peak minus the RSS just before the call. VmRSS also
-counts the safetensors pages the reader has mapped (RssFile), which the
-kernel can drop; 'anon growth' is the growth of RssAnon alone. The final
-table puts the arithmetic (params x 4 bytes, x 2 bytes, NF4 at 4.127 bits
-per linear weight + bfloat16 rest) beside the measured rows. The checkpoint
-has just been written: it is read from the page cache, not from disk.
+counts pages of memory-mapped shards (RssFile: keras_hub's own loader maps
+every shard until it is done), which the kernel can drop; 'anon growth' is
+the growth of RssAnon alone. The final table puts the arithmetic (params x
+4 bytes, x 2 bytes, NF4 at 4.127 bits per linear weight + bfloat16 rest)
+beside the measured rows. The checkpoint has just been written: it is read
+from the page cache, not from disk. --allocator system (the default, as
+`import keras_qlora` sets it) runs the children with
+TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1; tf with 0: TF's oneDNN pool, which keeps
+what is freed, so 'RSS after' stays near the peak.
 
 Weights: N(0, 0.02), drawn from a 65536-entry table of the normal's
 quantiles in bfloat16 (~300 M weights/s); norms are ones.
@@ -37,10 +41,10 @@ quantiles in bfloat16 (~300 M weights/s); norms are ones.
 Disk: 0.11 GB (tiny), 2.2 GB (1b), 13.5 GB (7b), printed up front; the run
 refuses when less is free. What it wrote is deleted at the end, also on
 failure, unless --keep. Not a test: it asserts nothing and never runs in
-CI. On 2 cores: tiny ~1 min, 1b ~15 min.
+CI. On 2 cores: tiny ~1 min, 1b ~5 min.
 
 Run: python benchmarks/big_model.py --size {tiny,1b,7b} [--dir DIR]
-     [--keep] [--skip-fit] [--skip-compare] [--allocator tf|system]
+     [--keep] [--skip-fit] [--skip-compare] [--allocator system|tf]
 """
 
 import argparse
@@ -256,10 +260,9 @@ def measured(*stages):
 
 def load_backbone(directory):
     """keras_hub's own float load of the backbone, in bfloat16."""
-    import keras_hub
+    from keras_hub.models import LlamaBackbone
 
-    backbone_class = keras_hub.models.LlamaBackbone
-    return backbone_class.from_preset(directory, dtype="bfloat16")
+    return LlamaBackbone.from_preset(directory, dtype="bfloat16")
 
 
 def lm_loss(backbone):
@@ -318,8 +321,9 @@ def weight_bytes(model, prefix=""):
 
 def run_child(args):
     """One measurement in this (fresh) process; returns its readings."""
+    import keras_qlora  # first: it picks TF's allocator (see --allocator)
+
     import keras_hub
-    import keras_qlora
 
     def quantize_int4(backbone):
         backbone.quantize("int4")
@@ -355,8 +359,8 @@ def spawn(child, args):
            "--size", args.size, "--dir", args.dir]  # fmt: skip
     cmd += ["--skip-fit"] if args.skip_fit else []
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    if args.allocator == "system":
-        env["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] = "1"
+    system = args.allocator == "system"
+    env["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] = "1" if system else "0"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths = (root, env.get("PYTHONPATH"))
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
@@ -373,6 +377,7 @@ def spawn(child, args):
 
 
 def _gib(value, digits=2):
+    """Bytes as GiB, or '-'."""
     return "-" if value is None else f"{value / GIB:.{digits}f}"
 
 
@@ -438,7 +443,8 @@ def main(argv=None):
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--skip-fit", action="store_true")
     parser.add_argument("--skip-compare", action="store_true")
-    parser.add_argument("--allocator", choices=("tf", "system"), default="tf")
+    parser.add_argument("--allocator", choices=("system", "tf"),
+                        default="system")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
