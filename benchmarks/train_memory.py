@@ -350,8 +350,10 @@ def spawn(config, args):
     cmd += ["--warmup", str(args.warmup), "--rank", str(args.rank)]
     cmd += ["--batch", str(args.batch), "--seq", str(args.seq)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    if args.allocator == "system":
-        env["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] = "1"
+    # Explicit both ways: `import keras_qlora` would otherwise pick malloc.
+    env["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] = (
+        "1" if args.allocator == "system" else "0"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (root, env.get("PYTHONPATH")) if p
