@@ -133,7 +133,9 @@ class QLoRAModel(keras.Model):
         optimizer = getattr(self, "optimizer", None)
         if optimizer is not None and not optimizer.built and self.built:
             optimizer.build(self.trainable_variables)
-        return super().make_train_function(force=force)
+        super().make_train_function(force=force)
+        self.train_function = _trim_after_first_call(self.train_function)
+        return self.train_function
 
     def test_step(self, data):
         logs = super().test_step(data)
@@ -279,6 +281,34 @@ def _forget_traced_functions(base_model):
             setattr(base_model, name, None)
     if getattr(base_model, "_jit_compile", None):
         base_model._jit_compile = False
+
+
+def _trim_after_first_call(function):
+    """`function`, calling `convert.release_free_memory()` once after its
+    first call.
+
+    The first call of a train function traces the step, lets Grappler
+    rewrite it and instantiates its kernels; the temporary copies of the
+    graph and the step's tensors are freed by then, but glibc keeps the
+    freed heap (about 200 MiB for an 8-layer, hidden-1024 Llama; see
+    benchmarks/fit_growth.py), so RSS stays at the first step's peak for
+    the rest of training. `malloc_trim` hands it back once. Later steps
+    reuse what they free, so they are not trimmed.
+    """
+    if function is None or getattr(function, "_keras_qlora_trims", False):
+        return function
+    done = []
+
+    def call(*args, **kwargs):
+        result = function(*args, **kwargs)
+        if not done:
+            done.append(True)
+            convert.release_free_memory()
+        return result
+
+    call._keras_qlora_trims = True
+    call.__wrapped__ = function
+    return call
 
 
 def _exact_paths(paths):
