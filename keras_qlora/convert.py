@@ -16,7 +16,6 @@ from keras_qlora import surgery
 from keras_qlora.layers import QLoRADense
 from keras_qlora.layers import QLoRAEinsumDense
 from keras_qlora.layers import QLoRALayerBase
-from keras_qlora.quantizers.state import check_block_size
 
 _CONVERTERS = (
     (keras.layers.EinsumDense, QLoRAEinsumDense),
@@ -27,11 +26,11 @@ _CONVERTERS = (
 def restore(model, settings, replaced, modules_to_save):
     """Rebuilds a saved model's QLoRA structure (zero weights, to be loaded).
 
-    `replaced` lists `{"path", "lora"}` as recorded by `rewrite`. Layers
-    that the base model's config already rebuilt as QLoRA layers (top-level
-    layers of a Functional model) are kept as they are.
+    `settings` is the model's `QLoRASettings`; `replaced` lists
+    `{"path", "lora"}` as recorded by `rewrite`. Layers that the base
+    model's config already rebuilt as QLoRA layers (top-level layers of a
+    Functional model) are kept as they are.
     """
-    check_settings(settings)
     by_path = {f.path: f for f in surgery.walk(model)}
     plan = []
     for item in replaced:
@@ -54,7 +53,8 @@ def restore(model, settings, replaced, modules_to_save):
 
 
 def execute(plan, settings, quantize, verbose, prebuilt=None):
-    """Replaces each `(Found, with_lora)` of `plan` by its QLoRA layer.
+    """Replaces each `(Found, with_lora)` of `plan` by its QLoRA layer,
+    made with `settings` (a `QLoRASettings`).
 
     `prebuilt` maps `id(float layer)` to its QLoRA layer whose NF4 state is
     already filled (`keras_qlora.from_preset` quantizes each kernel as the
@@ -124,15 +124,6 @@ def _malloc_trim():
     return trim
 
 
-def check_settings(settings):
-    rank = settings["rank"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(
-            f"rank must be a positive int. Received: rank={rank!r}"
-        )
-    check_block_size(settings["block_size"])
-
-
 def variable_bytes(model, predicate=None):
     """Bytes held by the model's variables (optionally filtered)."""
     return sum(
@@ -150,25 +141,20 @@ def _itemsize(dtype):
     return 2 if name == "bfloat16" else np.dtype(name).itemsize
 
 
-def convertible(layer):
+def convertible(layer) -> bool:
+    """Whether `layer` is a float linear layer a QLoRA layer can replace."""
     if isinstance(layer, QLoRALayerBase):
         return False
     return any(isinstance(layer, src) for src, _ in _CONVERTERS)
 
 
 def convert_layer(layer, settings, with_lora, quantize):
+    """The QLoRA layer for float `layer` (see `QLoRALayerBase.from_layer`),
+    with an adapter when `with_lora`."""
     for src, cls in _CONVERTERS:
         if isinstance(layer, src):
             return cls.from_layer(
-                layer,
-                rank=settings["rank"] if with_lora else None,
-                lora_alpha=settings["alpha"],
-                lora_dropout=settings["dropout"],
-                use_rslora=settings["use_rslora"],
-                block_size=settings["block_size"],
-                double_quant=settings["double_quant"],
-                scale_search=settings["scale_search"],
-                quantize=quantize,
+                layer, settings.for_layer(with_lora), quantize=quantize
             )
     raise TypeError(f"No QLoRA layer for {type(layer).__name__}")
 

@@ -18,7 +18,7 @@ import os
 import keras
 
 from keras_qlora import ops as qops
-from keras_qlora.adapters import atomic
+from keras_qlora import atomic
 
 _NOT_REGISTERED = "Op type not registered"
 _SAVED_MODEL_PB = "saved_model.pb"

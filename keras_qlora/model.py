@@ -13,27 +13,20 @@ import keras
 
 from keras_qlora import convert
 from keras_qlora import deferred
+from keras_qlora import remat
 from keras_qlora import surgery
 from keras_qlora.layers import QLoRALayerBase
+from keras_qlora.selectors import exact_paths
+from keras_qlora.settings import QLoRASettings
 from keras_qlora.training import multi_worker
 from keras_qlora.training import options as training_options
 from keras_qlora.training import step as training_step
-
-# Settings that define the structure; selectors are not stored (the exact
-# replaced paths are), so callables and regexes never need serializing.
-_STRUCTURE_KEYS = (
-    "rank",
-    "alpha",
-    "dropout",
-    "block_size",
-    "double_quant",
-    "scale_search",
-    "use_rslora",
-)
+from keras_qlora.training.options import TrainingOptions
+from keras_qlora.wrapper import QLoRAWrapper
 
 
 @keras.saving.register_keras_serializable(package="keras_qlora")
-class QLoRAModel(keras.Model):
+class QLoRAModel(QLoRAWrapper, keras.Model):
     """A model whose linear layers are NF4 and whose targets carry LoRA.
 
     Made by `keras_qlora.apply()`; call, `compile`, `fit`, `evaluate`,
@@ -46,12 +39,16 @@ class QLoRAModel(keras.Model):
     `optimizer_8bit` / `offload_optimizer` options of `apply()` to the
     optimizer it is given.
 
+    Selectors are not stored (the exact replaced paths are), so callables
+    and regexes never need serializing.
+
     Args:
         base_model: the edited model that does the computation.
-        settings: the `apply()` settings.
+        settings: the `QLoRASettings` the layers were made with.
         report: what `apply()` did (see `keras_qlora.summary`).
-        training: training options (`bias`, `offload_optimizer`,
-            `optimizer_8bit`, `gradient_checkpointing`), see `apply()`.
+        training: the `TrainingOptions` (`bias`, `offload_optimizer`,
+            `optimizer_8bit`, `gradient_checkpointing`), see `apply()`;
+            None for the defaults.
     """
 
     def __init__(
@@ -62,15 +59,15 @@ class QLoRAModel(keras.Model):
         # adds loss scaling under mixed_float16.
         kwargs.setdefault("dtype", base_model.dtype_policy)
         super().__init__(**kwargs)
+        if not isinstance(settings, QLoRASettings):
+            raise TypeError(
+                "QLoRAModel settings must be a QLoRASettings. Received: "
+                f"{type(settings).__name__}"
+            )
         self.base_model = base_model
-        self.settings = {k: settings[k] for k in _STRUCTURE_KEYS}
+        self.settings = settings
         self.qlora_report = dict(report or {})
-        has_lora = any(
-            layer.has_lora for layer in self.qlora_layers().values()
-        )
-        self.training_options = training_options.check_options(
-            dict(training or {}), has_lora
-        )
+        self.training_options = training or TrainingOptions()
         self._apply_training_options()
         _forget_traced_functions(base_model)
         if base_model.built:
@@ -179,26 +176,24 @@ class QLoRAModel(keras.Model):
             (e.layer, isinstance(e.layer, QLoRALayerBase) and e.layer.has_lora)
             for e in surgery.walk(self.base_model)
         ]
-        for bias in training_options.bias_variables(entries, opts["bias"]):
+        for bias in training_options.bias_variables(entries, opts.bias):
             bias.trainable = True
         self.remat_paths = []
-        if opts["gradient_checkpointing"] is not False:
-            from keras_qlora.training.remat import enable_gradient_checkpointing
-
-            self.remat_paths = enable_gradient_checkpointing(
-                self.base_model, opts["gradient_checkpointing"]
+        if opts.gradient_checkpointing is not False:
+            self.remat_paths = remat.enable_gradient_checkpointing(
+                self.base_model, opts.gradient_checkpointing
             )
 
     def get_config(self):
         report = self.qlora_report
-        training = dict(self.training_options)
+        training = self.training_options.to_dict()
         if training["gradient_checkpointing"] is not False:
             # Exact paths: selectors (callables, regexes) are not stored.
             training["gradient_checkpointing"] = list(self.remat_paths)
         return {
             "name": self.name,
             "base_model": keras.saving.serialize_keras_object(self.base_model),
-            "settings": dict(self.settings),
+            "settings": self.settings.to_dict(),
             "replaced": [
                 {"path": r["path"], "lora": bool(r["lora"])}
                 for r in report.get("replaced", [])
@@ -219,13 +214,14 @@ class QLoRAModel(keras.Model):
             base = keras.saving.deserialize_keras_object(
                 config["base_model"], custom_objects=custom_objects
             )
-        settings = dict(config["settings"])
+        settings = QLoRASettings.from_dict(config["settings"])
         training = dict(config.get("training") or {})
         if isinstance(training.get("gradient_checkpointing"), list):
             # Saved as exact paths: match those paths only, not suffixes.
-            training["gradient_checkpointing"] = _exact_paths(
+            training["gradient_checkpointing"] = exact_paths(
                 training["gradient_checkpointing"]
             )
+        training = TrainingOptions.from_dict(training)
         convert.restore(
             base, settings, config["replaced"], config["modules_to_save"]
         )
@@ -245,6 +241,7 @@ class QLoRAModel(keras.Model):
             training=training,
             name=config.get("name"),
         )
+        training.check_model(bool(model.qlora_layers(lora_only=True)))
         # Named adapters exist before the weights (and optimizer slots for
         # the active one) load.
         adapters = config.get("adapters")
@@ -310,11 +307,3 @@ def _trim_after_first_call(function):
     call.__wrapped__ = function
     return call
 
-
-def _exact_paths(paths):
-    wanted = frozenset(paths)
-
-    def select(path, layer):
-        return path in wanted
-
-    return select

@@ -4,6 +4,7 @@ from keras_qlora import convert
 from keras_qlora import surgery
 from keras_qlora.convert import numel
 from keras_qlora.layers import QLoRALayerBase
+from keras_qlora.wrapper import require_qlora_model
 
 
 def collect(model) -> dict:
@@ -16,13 +17,7 @@ def collect(model) -> dict:
         of the float model, measured by `apply()`), `bytes_after` (all
         non-LoRA variables now), `lora_bytes` and `nf4_bits_per_weight`.
     """
-    from keras_qlora.model import QLoRAModel
-
-    if not isinstance(model, QLoRAModel):
-        raise TypeError(
-            "keras_qlora.summary() expects the model returned by "
-            f"keras_qlora.apply(). Received: {type(model).__name__}"
-        )
+    require_qlora_model(model, "summary")
     # A model retired by merge() refuses here, as in its other methods.
     model.qlora_layers()
     layers, nf4_ids, lora_ids = [], set(), set()

@@ -8,42 +8,30 @@ is frozen. The result is a `QLoRAModel` wrapping the (edited) model.
 
 import dataclasses
 import inspect
-import re
 import time
-from collections.abc import Callable
 
 import keras
 
 from keras_qlora import convert
+from keras_qlora import remat
+from keras_qlora import selectors
+from keras_qlora import settings as qlora_settings
 from keras_qlora import surgery
 from keras_qlora.convert import numel
 from keras_qlora.layers import QLoRALayerBase
-from keras_qlora.layers.einsum_plan import plan_einsum
 from keras_qlora.model import QLoRAModel
+from keras_qlora.selectors import ALL_LINEAR
+from keras_qlora.settings import QLoRASettings
 from keras_qlora.training import options as training_options
+from keras_qlora.training.options import TrainingOptions
 
-ALL_LINEAR = "all-linear"
-
-# apply()'s arguments, by where they go: the NF4/LoRA settings, and the
-# training options QLoRAModel applies.
-SETTING_KEYS = (
-    "rank",
-    "alpha",
-    "dropout",
+# apply()'s layer selectors; its other arguments are the fields of
+# `QLoRASettings` and `TrainingOptions`, and `verbose`.
+SELECTOR_KEYS = (
     "target_modules",
     "quantize_modules",
     "exclude_modules",
     "modules_to_save",
-    "block_size",
-    "double_quant",
-    "scale_search",
-    "use_rslora",
-)
-TRAINING_KEYS = (
-    "bias",
-    "offload_optimizer",
-    "optimizer_8bit",
-    "gradient_checkpointing",
 )
 
 
@@ -69,7 +57,7 @@ def apply(
     """Quantizes `model` to NF4 and adds LoRA adapters; returns the wrapper.
 
     Layer selectors (`target_modules`, `quantize_modules`, `exclude_modules`,
-    `modules_to_save`) accept:
+    `modules_to_save`; see `keras_qlora.selectors`) accept:
     - a list/tuple of strings: exact layer name or suffix of the layer path
       (`"query"`, `"transformer_layer_0/self_attention/query"`);
     - a single string: a regular expression, full-matched against the path
@@ -129,11 +117,9 @@ def apply(
     >>> [v.name for v in model.trainable_variables]
     ['lora_a', 'lora_b']
     """
-    arguments = locals()
-    settings = {key: arguments[key] for key in SETTING_KEYS}
-    training = {key: arguments[key] for key in TRAINING_KEYS}
+    settings, chosen, training = _split(locals())
     _check_model(model)
-    selection = prepare(model, settings, training)
+    selection = prepare(model, settings, chosen, training)
     return finish(model, settings, training, selection, verbose=verbose)
 
 
@@ -141,11 +127,12 @@ def options(**kwargs) -> tuple:
     """Splits `apply()` keyword arguments, with `apply()`'s defaults.
 
     Returns:
-        `(settings, training, verbose)` as `apply()` uses them.
+        `(settings, selectors, training, verbose)`: a `QLoRASettings`, a
+        dict of the `SELECTOR_KEYS`, a `TrainingOptions`, and a bool.
 
     Raises:
         TypeError: an argument `apply()` does not take (the message lists
-            the ones it takes).
+            the ones it takes); TypeError / ValueError: a bad setting.
     """
     signature = inspect.signature(apply)
     try:
@@ -154,26 +141,31 @@ def options(**kwargs) -> tuple:
         allowed = ", ".join(list(signature.parameters)[1:])
         raise TypeError(f"{err}. apply() takes: {allowed}") from None
     bound.apply_defaults()
-    args = bound.arguments
-    return (
-        {key: args[key] for key in SETTING_KEYS},
-        {key: args[key] for key in TRAINING_KEYS},
-        args["verbose"],
+    return _split(bound.arguments) + (bound.arguments["verbose"],)
+
+
+def _split(arguments) -> tuple:
+    """`apply()`'s arguments as `(QLoRASettings, selectors, TrainingOptions)`,
+    each validated."""
+    settings = QLoRASettings(
+        **{k: arguments[k] for k in qlora_settings.field_names()}
     )
+    chosen = {key: arguments[key] for key in SELECTOR_KEYS}
+    training = TrainingOptions(
+        **{k: arguments[k] for k in training_options.field_names()}
+    )
+    return settings, chosen, training
 
 
-def prepare(model, settings, training) -> "Selection":
+def prepare(model, settings, chosen, training) -> "Selection":
     """Checks the settings and training options against `model` and
     resolves its selectors; edits nothing (everything that can be refused
     is refused here, before the model changes)."""
-    training_options.check_options(
-        training, settings["target_modules"] is not None
-    )
-    if training["gradient_checkpointing"] is not False:
-        from keras_qlora.training.remat import find_blocks
-
-        find_blocks(model, training["gradient_checkpointing"])
-    return select(model, settings)
+    selection = select(model, settings, chosen)
+    training.check_model(any(with_lora for _, with_lora in selection.plan))
+    if training.gradient_checkpointing is not False:
+        remat.find_blocks(model, training.gradient_checkpointing)
+    return selection
 
 
 def finish(model, settings, training, selection, verbose, prebuilt=None):
@@ -222,15 +214,15 @@ class Selection:
     unmatched_targets: list
 
 
-def select(model, settings) -> Selection:
-    """Resolves the selectors of `settings` against `model`; edits nothing.
+def select(model, settings, chosen) -> Selection:
+    """Resolves the selectors `chosen` (`SELECTOR_KEYS`) against `model`;
+    edits nothing.
 
     Raises:
-        ValueError: keras_qlora already applied, nothing to quantize, or
+        ValueError: keras_qlora already applied, nothing to quantize,
             target modules not found (the messages list the model's
-            Dense/EinsumDense paths).
+            Dense/EinsumDense paths), or targets with `rank=None`.
     """
-    convert.check_settings(settings)
     found = surgery.walk(model)
     existing = [f.path for f in found if isinstance(f.layer, QLoRALayerBase)]
     if existing:
@@ -245,33 +237,43 @@ def select(model, settings) -> Selection:
         for f in found
         if isinstance(f.layer, keras.layers.Embedding)
     }
-    targets = _select(settings["target_modules"], linear, vocab_sizes)
-    excluded = _select(settings["exclude_modules"], linear, vocab_sizes)
-    saved = _select(settings["modules_to_save"], found, vocab_sizes)
-    quant = targets | _select(settings["quantize_modules"], linear, vocab_sizes)
+
+    def pick(key, entries):
+        return selectors.select(chosen[key], entries, vocab_sizes)
+
+    targets = pick("target_modules", linear)
+    excluded = pick("exclude_modules", linear)
+    saved = pick("modules_to_save", found)
+    quant = targets | pick("quantize_modules", linear)
     quant -= excluded | saved
     targets &= quant
+    names = ", ".join(f.path for f in linear) or "(none)"
     if not quant:
-        names = ", ".join(f.path for f in linear) or "(none)"
         raise ValueError(
             "Nothing to quantize: quantize_modules "
-            f"{_describe_selector(settings['quantize_modules'])} and "
+            f"{selectors.describe(chosen['quantize_modules'])} and "
             "target_modules matched no layer. The model's Dense/EinsumDense "
             f"layers are: {names}"
         )
-    if not targets and settings["target_modules"] is not None:
-        names = ", ".join(f.path for f in linear) or "(none)"
+    if not targets and chosen["target_modules"] is not None:
         raise ValueError(
             "Target modules "
-            f"{_describe_selector(settings['target_modules'])} not found "
+            f"{selectors.describe(chosen['target_modules'])} not found "
             f"in the model. Its Dense/EinsumDense layers are: {names}"
+        )
+    if targets and not settings.has_lora:
+        raise ValueError(
+            "rank must be a positive int to put LoRA on target_modules "
+            f"{selectors.describe(chosen['target_modules'])}; pass "
+            "target_modules=None for a 4-bit model without adapters. "
+            "Received: rank=None"
         )
     return Selection(
         plan=[
             (f, id(f.layer) in targets) for f in linear if id(f.layer) in quant
         ],
         saved_paths=[f.path for f in found if id(f.layer) in saved],
-        unmatched_targets=_unmatched(settings["target_modules"], found),
+        unmatched_targets=selectors.unmatched(chosen["target_modules"], found),
     )
 
 
@@ -291,85 +293,3 @@ def _check_model(model):
             f"Model '{model.name}' is not built. Build it (call it on a "
             "batch, or give it an Input) before keras_qlora.apply()."
         )
-
-
-def _output_size(layer):
-    """N of the layer's `[K, N]` matmul (all output features), or None."""
-    kernel = getattr(layer, "kernel", None)
-    if kernel is None or len(kernel.shape) == 0:
-        return None
-    if isinstance(layer, keras.layers.EinsumDense):
-        try:
-            return plan_einsum(layer.equation, tuple(kernel.shape)).n
-        except ValueError:
-            return None
-    return int(kernel.shape[-1])
-
-
-def _select(selector, entries, vocab_sizes):
-    """ids of the entries' layers matched by `selector`."""
-    if selector is None:
-        return set()
-    if isinstance(selector, str) and selector == ALL_LINEAR:
-        return {
-            id(f.layer)
-            for f in entries
-            if convert.convertible(f.layer)
-            and _output_size(f.layer) not in vocab_sizes
-        }
-    match = _matcher(selector)
-    return {id(f.layer) for f in entries if match(f.path, f.layer)}
-
-
-def _matcher(selector) -> Callable:
-    if isinstance(selector, re.Pattern):
-        return lambda path, layer: selector.fullmatch(path) is not None
-    if isinstance(selector, str):
-        try:
-            pattern = re.compile(selector)
-        except re.error as e:
-            raise ValueError(
-                f"Module selector {selector!r} is not a valid regular "
-                f"expression ({e}). Pass a list of names for exact/suffix "
-                "matching."
-            ) from None
-        return lambda path, layer: (
-            pattern.fullmatch(path) is not None
-            or pattern.fullmatch(layer.name) is not None
-        )
-    if callable(selector):
-        return lambda path, layer: bool(selector(path, layer))
-    if isinstance(selector, (list, tuple, set, frozenset)):
-        names = list(selector)
-        for name in names:
-            if not isinstance(name, str) or not name:
-                raise TypeError(
-                    "Module selector lists must hold non-empty strings. "
-                    f"Received: {name!r} in {selector!r}"
-                )
-        return lambda path, layer: any(
-            layer.name == n or path == n or path.endswith("/" + n)
-            for n in names
-        )
-    raise TypeError(
-        "A module selector must be a list of names, a regex string, a "
-        "re.Pattern, a callable (path, layer) -> bool, 'all-linear' or "
-        f"None. Received: {selector!r}"
-    )
-
-
-def _unmatched(selector, found):
-    """Names in a list selector that match no layer at all."""
-    if not isinstance(selector, (list, tuple, set, frozenset)):
-        return []
-    return [
-        name
-        for name in selector
-        if not any(_matcher([name])(f.path, f.layer) for f in found)
-    ]
-
-
-def _describe_selector(selector):
-    if callable(selector) and not isinstance(selector, str):
-        return getattr(selector, "__name__", repr(selector))
-    return repr(selector)

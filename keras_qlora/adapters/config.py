@@ -67,21 +67,22 @@ _SETTINGS = (
 
 
 def build(name, settings, targets, modules, base_model, weights_sha256):
-    """The config dict for an adapter of a model with `settings`."""
+    """The config dict for an adapter of a model with `settings` (its
+    `QLoRASettings`)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "adapter_name": name,
-        "rank": int(settings["rank"]),
-        "alpha": float(settings["alpha"]),
-        "dropout": float(settings["dropout"]),
-        "use_rslora": bool(settings["use_rslora"]),
+        "rank": settings.rank,
+        "alpha": settings.alpha,
+        "dropout": settings.dropout,
+        "use_rslora": settings.use_rslora,
         "target_paths": sorted(targets),
         "modules_to_save": sorted(modules),
         "nf4": {
-            "block_size": int(settings["block_size"]),
-            "double_quant": bool(settings["double_quant"]),
-            "scale_search": bool(settings["scale_search"]),
+            "block_size": settings.block_size,
+            "double_quant": settings.double_quant,
+            "scale_search": settings.scale_search,
         },
         "base_model": base_model,
         "weights_sha256": weights_sha256,

@@ -19,7 +19,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from keras_qlora.adapters import atomic
+from keras_qlora import atomic
 from keras_qlora.adapters import config as cfg
 from keras_qlora.adapters import fingerprint as fp
 from keras_qlora.adapters import named

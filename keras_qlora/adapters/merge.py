@@ -44,7 +44,8 @@ from keras_qlora.layers.adapter_slots import check_adapter_name
 from keras_qlora.ops.quantize import quantize_nf4_fused
 from keras_qlora.quantizers import NF4State
 from keras_qlora.quantizers import dequantize_nf4
-from keras_qlora.training.remat import disable_gradient_checkpointing
+from keras_qlora.remat import disable_gradient_checkpointing
+from keras_qlora.wrapper import require_qlora_model
 
 # Instance attributes of a QLoRAModel (set with object.__setattr__ so that
 # Keras does not track them): the bookkeeping of a requantize merge, and
@@ -351,7 +352,7 @@ def _retire(model, plain):
 
 
 def _requantize_merge(model, entries, adapter):
-    scale_search = bool(model.settings["scale_search"])
+    scale_search = model.settings.scale_search
     staged, errors = [], []
     for entry in (e for e in entries if e.layer.has_lora):
         layer = entry.layer
@@ -441,13 +442,7 @@ def _check_unchanged(path, item, layer, adapter, force):
 
 
 def _check_model(model, caller):
-    from keras_qlora.model import QLoRAModel
-
-    if not isinstance(model, QLoRAModel):
-        raise TypeError(
-            f"keras_qlora.{caller}() expects the model returned by "
-            f"keras_qlora.apply(). Received: {type(model).__name__}"
-        )
+    require_qlora_model(model, caller)
     plain = vars(model).get(_RETIRED)
     if plain is not None:
         raise ValueError(

@@ -22,6 +22,7 @@ a saved optimizer; a model saved compiled with another adapter than
 import numpy as np
 
 from keras_qlora import surgery
+from keras_qlora.wrapper import require_qlora_model
 from keras_qlora.layers.adapter_slots import DEFAULT_ADAPTER
 from keras_qlora.layers.adapter_slots import check_adapter_name
 
@@ -159,13 +160,7 @@ def delete_adapter(model, name: str):
 
 def lora_layers(model, caller) -> dict:
     """`{path: layer}` of the model's LoRA layers; checks the model."""
-    from keras_qlora.model import QLoRAModel
-
-    if not isinstance(model, QLoRAModel):
-        raise TypeError(
-            f"keras_qlora.{caller}() expects the model returned by "
-            f"keras_qlora.apply(). Received: {type(model).__name__}"
-        )
+    require_qlora_model(model, caller)
     layers = model.qlora_layers(lora_only=True)
     if not layers:
         raise ValueError(

@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 
 from keras_qlora.interop import names
+from keras_qlora.wrapper import require_qlora_model
 
 
 @dataclasses.dataclass
@@ -32,13 +33,7 @@ def qlora_layers(model, caller, lora_only=False) -> dict:
         TypeError: `model` is not a `QLoRAModel`.
         ValueError: it has no (LoRA) QLoRA layers.
     """
-    from keras_qlora.model import QLoRAModel
-
-    if not isinstance(model, QLoRAModel):
-        raise TypeError(
-            f"keras_qlora.interop.{caller}() expects the model returned by "
-            f"keras_qlora.apply(). Received: {type(model).__name__}"
-        )
+    require_qlora_model(model, f"interop.{caller}")
     layers = model.qlora_layers(lora_only=lora_only)
     if not layers:
         what = "LoRA layers" if lora_only else "QLoRA layers"

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 
 from keras_qlora import surgery
-from keras_qlora.adapters import atomic
+from keras_qlora import atomic
 from keras_qlora.adapters import named
 from keras_qlora.adapters.files import LoadPlan
 from keras_qlora.interop import hf_modules
@@ -380,15 +380,14 @@ def _fused_pair(module, layers, name, full):
 
 def _config(model, naming, root, ranks, layer):
     settings = model.settings
-    rank = int(settings["rank"])
-    rank_pattern, alpha_pattern = _patterns(ranks, rank, layer)
+    rank_pattern, alpha_pattern = _patterns(ranks, settings.rank, layer)
     return {
         "peft_type": "LORA",
         "task_type": None,
-        "r": rank,
-        "lora_alpha": _tidy(settings["alpha"]),
-        "lora_dropout": float(settings["dropout"]),
-        "use_rslora": bool(settings["use_rslora"]),
+        "r": settings.rank,
+        "lora_alpha": _tidy(settings.alpha),
+        "lora_dropout": settings.dropout,
+        "use_rslora": settings.use_rslora,
         "target_modules": _target_modules(model, naming, root, set(ranks)),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,

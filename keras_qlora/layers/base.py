@@ -11,8 +11,6 @@ is active; only the active pair is used and trainable. All pairs have the
 layer's rank, alpha and dropout.
 """
 
-import math
-
 import keras
 import numpy as np
 from keras import ops
@@ -25,8 +23,9 @@ from keras_qlora.layers.frozen_state import frozen_variable_scope
 from keras_qlora.ops.quantize import quantize_nf4_fused
 from keras_qlora.quantizers import NF4State
 from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
-from keras_qlora.quantizers.state import check_block_size
 from keras_qlora.quantizers.state import num_blocks
+from keras_qlora.settings import LAYER_KEYS
+from keras_qlora.settings import QLoRASettings
 
 # Saved as [index of the active adapter in `adapter_names`, enabled].
 _STATE_KEY = "adapter_state"
@@ -36,40 +35,32 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
     """Base of `QLoRADense` / `QLoRAEinsumDense`; not used directly.
 
     Args:
-        rank: LoRA rank, a positive int, or None for a frozen NF4 layer
-            with no adapter.
-        lora_alpha: LoRA scaling numerator; scale is `alpha / rank`
-            (`alpha / sqrt(rank)` with `use_rslora`).
-        lora_dropout: dropout rate on the adapter's input, in [0, 1).
-        use_rslora: rank-stabilized scaling.
-        block_size: NF4 block size (32, 64, 128, 256).
-        double_quant: whether block scales are 8-bit (double quantized).
+        settings: a `keras_qlora.settings.QLoRASettings`; or, instead, its
+            values as the layer's config spells them: `rank` (a positive
+            int, or None, the default, for a frozen NF4 layer with no
+            adapter), `lora_alpha` (scale is `alpha / rank`, or
+            `alpha / sqrt(rank)` with `use_rslora`), `lora_dropout` (rate
+            on the adapter's input, in [0, 1)), `use_rslora`, `block_size`
+            (32, 64, 128, 256) and `double_quant`.
+        **kwargs: base Layer arguments.
+
+    Raises:
+        TypeError / ValueError: a bad setting (see `QLoRASettings`), named
+            with the layer.
     """
 
-    def __init__(
-        self,
-        rank=None,
-        lora_alpha=16.0,
-        lora_dropout=0.0,
-        use_rslora=False,
-        block_size=64,
-        double_quant=True,
-        **kwargs,
-    ):
+    def __init__(self, settings=None, **kwargs):
+        given = {k: kwargs.pop(k) for k in LAYER_KEYS.values() if k in kwargs}
         super().__init__(**kwargs)
-        self.rank = _check_rank(rank, self.name)
-        self.lora_alpha = _check_number(lora_alpha, "lora_alpha", self.name)
-        self.lora_dropout = _check_number(
-            lora_dropout, "lora_dropout", self.name
-        )
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(
-                f"Layer '{self.name}': lora_dropout must be in [0, 1). "
-                f"Received: lora_dropout={lora_dropout}"
+        if settings is None:
+            settings = QLoRASettings.from_layer_config(given, self.name)
+        elif given or not isinstance(settings, QLoRASettings):
+            raise TypeError(
+                f"Layer '{self.name}': pass either settings (a "
+                f"QLoRASettings) or the arguments {sorted(given)}, not both. "
+                f"Received: settings={settings!r}"
             )
-        self.use_rslora = bool(use_rslora)
-        self.block_size = check_block_size(block_size)
-        self.double_quant = bool(double_quant)
+        self.settings = settings
         self.lora_enabled = True
         self.active_adapter = DEFAULT_ADAPTER
         # Names of the extra adapters, kept sorted; a tuple of strings, which
@@ -82,6 +73,14 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
             if self.lora_dropout > 0
             else None
         )
+
+    # The settings, by the names a layer's config uses.
+    rank = property(lambda self: self.settings.rank)
+    lora_alpha = property(lambda self: self.settings.alpha)
+    lora_dropout = property(lambda self: self.settings.dropout)
+    use_rslora = property(lambda self: self.settings.use_rslora)
+    block_size = property(lambda self: self.settings.block_size)
+    double_quant = property(lambda self: self.settings.double_quant)
 
     # -- build helpers -----------------------------------------------------
 
@@ -164,14 +163,12 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
     @property
     def lora_scale(self) -> float:
         """Multiplier of the LoRA product: alpha / r, or alpha / sqrt(r)."""
-        if self.rank is None:
-            return 0.0
-        denom = math.sqrt(self.rank) if self.use_rslora else self.rank
-        return self.lora_alpha / denom
+        return self.settings.lora_scale
 
     @property
     def has_lora(self) -> bool:
-        return self.rank is not None
+        """Whether the layer carries a LoRA adapter (its rank is set)."""
+        return self.settings.has_lora
 
     # -- compute ------------------------------------------------------------
 
@@ -203,26 +200,14 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
     SOURCE_TYPE = None
 
     @classmethod
-    def from_layer(
-        cls,
-        layer,
-        rank=None,
-        lora_alpha=16.0,
-        lora_dropout=0.0,
-        use_rslora=False,
-        block_size=64,
-        double_quant=True,
-        scale_search=True,
-        quantize=True,
-    ):
+    def from_layer(cls, layer, settings=None, quantize=True, **kwargs):
         """Builds the QLoRA version of a built float layer.
 
         Args:
             layer: the float layer (`SOURCE_TYPE`); it is left unchanged.
-            rank: LoRA rank, or None for no adapter.
-            lora_alpha, lora_dropout, use_rslora: LoRA settings.
-            block_size, double_quant, scale_search: NF4 settings, as in
-                `keras_qlora.quantizers.quantize_nf4`.
+            settings: a `QLoRASettings`; or, instead, keyword arguments as
+                the constructor takes them (`rank`, `lora_alpha`, ...) and
+                `scale_search`.
             quantize: when False, only the structure is built (weights are
                 zeros), for loading saved weights into it.
 
@@ -240,26 +225,28 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
                 f"keras.layers.{cls.SOURCE_TYPE.__name__}. Received: "
                 f"{type(layer).__name__} '{getattr(layer, 'name', '')}'"
             )
+        if settings is None:
+            scale_search = kwargs.pop("scale_search", True)
+            settings = QLoRASettings.from_layer_config(
+                kwargs, layer.name, scale_search=scale_search
+            )
+            kwargs = {}
         check_source_layer(layer)
         value = check_source_kernel(layer, layer.kernel) if quantize else None
         new = cls(
             **cls._config_from_source(layer),
-            rank=rank,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            use_rslora=use_rslora,
-            block_size=block_size,
-            double_quant=double_quant,
+            settings=settings,
             name=layer.name,
             dtype=layer.dtype_policy,
+            **kwargs,
         )
         new.build(new._source_input_shape(layer))
         if quantize:
-            new.set_nf4_state(new.quantize_kernel(value, scale_search))
+            new.set_nf4_state(new.quantize_kernel(value))
             new.copy_bias_from(layer)
         return new
 
-    def quantize_kernel(self, kernel, scale_search=True) -> NF4State:
+    def quantize_kernel(self, kernel) -> NF4State:
         """Quantizes a float kernel of the source layer's shape (numpy,
         float32) with this layer's NF4 settings; does not store it."""
         # The C++ quantizer when built (bit-identical, ~50x faster).
@@ -267,7 +254,7 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
             self._kernel_to_2d(kernel),
             self.block_size,
             self.double_quant,
-            scale_search,
+            self.settings.scale_search,
         )
 
     def copy_bias_from(self, layer):
@@ -407,16 +394,7 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "rank": self.rank,
-                "lora_alpha": self.lora_alpha,
-                "lora_dropout": self.lora_dropout,
-                "use_rslora": self.use_rslora,
-                "block_size": self.block_size,
-                "double_quant": self.double_quant,
-            }
-        )
+        config.update(self.settings.layer_config())
         return config
 
     # -- private helpers ------------------------------------------------------
@@ -492,29 +470,3 @@ def check_source_layer(layer):
             f"Layer '{layer.name}' is not built; build the model (call it on "
             "data) before converting it."
         )
-
-
-def _check_rank(rank, name):
-    if rank is None:
-        return None
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-        raise TypeError(
-            f"Layer '{name}': rank must be a positive int or None. "
-            f"Received: rank={rank!r}"
-        )
-    if rank <= 0:
-        raise ValueError(
-            f"Layer '{name}': rank must be a positive int or None. "
-            f"Received: rank={rank}"
-        )
-    return int(rank)
-
-
-def _check_number(value, arg, name):
-    if isinstance(value, bool) or not isinstance(
-        value, (int, float, np.number)
-    ):
-        raise TypeError(
-            f"Layer '{name}': {arg} must be a number. Received: {arg}={value!r}"
-        )
-    return float(value)

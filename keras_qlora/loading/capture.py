@@ -43,7 +43,7 @@ class KernelCapture:
             if key not in self.filled
         ]
 
-    def kernel_assign(self, variable, scale_search):
+    def kernel_assign(self, variable):
         path, layer, qlora = self.targets[id(variable)]
 
         def assign(value):
@@ -51,7 +51,7 @@ class KernelCapture:
             self.bytes_read += _nbytes(value, variable)
             kernel = check_source_kernel(layer, tensor)
             del tensor
-            qlora.set_nf4_state(qlora.quantize_kernel(kernel, scale_search))
+            qlora.set_nf4_state(qlora.quantize_kernel(kernel))
             del kernel
             # The kernel's float copies were freed between long-lived NF4
             # buffers: hand those heap holes back before the next layer.
@@ -77,15 +77,15 @@ class KernelCapture:
 
 
 @contextlib.contextmanager
-def capture_kernels(variables, targets, scale_search, verbose):
+def capture_kernels(variables, targets, verbose):
     """While active, kernels in `targets` are quantized on `assign`.
 
     Args:
         variables: every variable of the model being loaded; their writes
             are counted (bytes read).
         targets: `{id(kernel variable): (path, float layer, QLoRA layer)}`
-            for the deferred kernels of the layers that become NF4.
-        scale_search: NF4 setting (see `quantize_nf4`).
+            for the deferred kernels of the layers that become NF4 (each
+            quantized with its QLoRA layer's settings).
         verbose: show a progress bar over the quantized layers.
 
     Yields:
@@ -96,7 +96,7 @@ def capture_kernels(variables, targets, scale_search, verbose):
     try:
         for variable in variables:
             if id(variable) in targets:
-                hook = capture.kernel_assign(variable, scale_search)
+                hook = capture.kernel_assign(variable)
             else:
                 hook = capture.counting_assign(variable)
             variable.assign = hook  # shadows the method on this instance

@@ -79,25 +79,24 @@ def from_preset(
     ...     gradient_checkpointing=True, optimizer_8bit=True)
     """
     _check_model_class(model_class)
-    settings, training, verbose = rewrite.options(**apply_kwargs)
+    settings, chosen, training, verbose = rewrite.options(**apply_kwargs)
     kind, config, weight_files = files.preset_format(preset)
     preset = os.fspath(preset)
     loader = _preset_loader(preset, kind, config)
     model = _build_skeleton(model_class, preset, loader, dtype, model_kwargs)
-    selection = rewrite.prepare(model, settings, training)
+    selection = rewrite.prepare(model, settings, chosen, training)
     prebuilt, targets = {}, {}
     for entry, with_lora in selection.plan:
         layer = entry.layer
         if not deferred.is_deferred(layer.kernel):
             continue  # a task head built in float: apply() quantizes it
-        qlora = _convert(layer, settings, with_lora)
+        qlora = convert.convert_layer(
+            layer, settings, with_lora, quantize=False
+        )
         prebuilt[id(layer)] = qlora
         targets[id(layer.kernel)] = (entry.path, layer, qlora)
     deferred.initialize(v for v in model.weights if id(v) not in targets)
-    scale_search = settings["scale_search"]
-    with capture.capture_kernels(
-        model.weights, targets, scale_search, verbose
-    ) as caught:
+    with capture.capture_kernels(model.weights, targets, verbose) as caught:
         _load_weights(model, loader, kind, preset, weight_files)
     missing = caught.missing()
     if missing:
@@ -164,10 +163,6 @@ def _preset_loader(preset, kind, config):
                 f"cannot convert: {err}"
             ) from None
         raise
-
-
-def _convert(layer, settings, with_lora):
-    return convert.convert_layer(layer, settings, with_lora, quantize=False)
 
 
 def _load_weights(model, loader, kind, preset, weight_files):

@@ -17,16 +17,19 @@ NESTED_BLOCK_SIZE = 256
 
 
 def check_block_size(block_size: Any, name: str = "block_size") -> int:
-    """Returns `block_size` as an int, or raises a ValueError naming it."""
-    if (
-        isinstance(block_size, bool)
-        or not isinstance(block_size, (int, np.integer))
-        or int(block_size) not in ALLOWED_BLOCK_SIZES
+    """Returns `block_size` as an int, the one check of an NF4 block size.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: not one of `ALLOWED_BLOCK_SIZES`.
+    """
+    allowed = f"{name} must be one of {ALLOWED_BLOCK_SIZES}. "
+    if isinstance(block_size, bool) or not isinstance(
+        block_size, (int, np.integer)
     ):
-        raise ValueError(
-            f"{name} must be one of {ALLOWED_BLOCK_SIZES}. "
-            f"Received: {name}={block_size!r}"
-        )
+        raise TypeError(f"{allowed}Received: {name}={block_size!r}")
+    if int(block_size) not in ALLOWED_BLOCK_SIZES:
+        raise ValueError(f"{allowed}Received: {name}={block_size!r}")
     return int(block_size)
 
 

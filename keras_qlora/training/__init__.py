@@ -9,10 +9,10 @@ from keras_qlora.training.checkpoint import latest_checkpoint
 from keras_qlora.training.checkpoint import restore_checkpoint
 from keras_qlora.training.checkpoint import save_checkpoint
 from keras_qlora.training.offload import HostOffloadOptimizer
-from keras_qlora.training.remat import RECOGNIZED_BLOCKS
-from keras_qlora.training.remat import checkpointed_layers
-from keras_qlora.training.remat import disable_gradient_checkpointing
-from keras_qlora.training.remat import enable_gradient_checkpointing
+from keras_qlora.remat import RECOGNIZED_BLOCKS
+from keras_qlora.remat import checkpointed_layers
+from keras_qlora.remat import disable_gradient_checkpointing
+from keras_qlora.remat import enable_gradient_checkpointing
 
 __all__ = [
     "AdamW8bit",

@@ -35,7 +35,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from keras_qlora.adapters import atomic
+from keras_qlora import atomic
 from keras_qlora.adapters import files as adapter_files
 from keras_qlora.adapters import named
 

@@ -1,69 +1,120 @@
 """Training options of a QLoRA model: what trains, and the optimizer setup.
 
 `apply(..., bias=, offload_optimizer=, optimizer_8bit=,
-gradient_checkpointing=)` records these options on the `QLoRAModel`; they
-are checked here, and applied when the model is compiled (optimizer) or
-built (biases).
+gradient_checkpointing=)` makes one `TrainingOptions`, which the
+`QLoRAModel` carries; they are applied when the model is compiled
+(optimizer) or built (biases).
 """
 
+import dataclasses
 import re
+from typing import Any
 
 import keras
 
 from keras_qlora.training.offload import HostOffloadOptimizer
-from keras_qlora.training.offload import check_offloadable
 
 BIAS_MODES = ("none", "all", "lora_only")
 
-DEFAULTS = {
-    "bias": "none",
-    "offload_optimizer": False,
-    "optimizer_8bit": False,
-    "gradient_checkpointing": False,
-}
 
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions:
+    """What trains besides the adapters, and how the optimizer is set up.
 
-def check_options(options, has_lora):
-    """Validates the training options; returns them as a plain dict.
+    Validated where it is made; `QLoRAModel` carries it whole and saves it
+    with `to_dict` (a `gradient_checkpointing` selector is saved as the
+    exact block paths it matched).
 
-    Args:
-        options: dict with the keys of `DEFAULTS` (missing ones default).
-        has_lora: whether the model carries any LoRA adapter.
+    Attributes:
+        bias: which biases train, as PEFT's `bias`: "none", "all" or
+            "lora_only".
+        offload_optimizer: keep the optimizer state in host memory.
+        optimizer_8bit: store Adam/AdamW moments in 8 bits.
+        gradient_checkpointing: False, True (detect transformer blocks) or
+            a selector of the blocks to recompute (list of names, regex,
+            `re.Pattern`, callable).
 
     Raises:
-        TypeError / ValueError: a bad value, or an optimizer option on a
-            model that has no LoRA layers.
+        TypeError / ValueError: a value of the wrong type / out of range.
     """
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"Unknown training options {unknown}. Known: {sorted(DEFAULTS)}"
-        )
-    merged = dict(DEFAULTS, **options)
-    if merged["bias"] not in BIAS_MODES:
-        raise ValueError(
-            f"bias must be one of {BIAS_MODES}. Received: "
-            f"bias={merged['bias']!r}"
-        )
-    for key in ("offload_optimizer", "optimizer_8bit"):
-        if not isinstance(merged[key], bool):
-            raise TypeError(
-                f"{key} must be True or False. Received: {key}={merged[key]!r}"
-            )
-        if merged[key] and not has_lora:
+
+    bias: str = "none"
+    offload_optimizer: bool = False
+    optimizer_8bit: bool = False
+    gradient_checkpointing: Any = False
+
+    def __post_init__(self):
+        if self.bias not in BIAS_MODES:
             raise ValueError(
-                f"{key}=True needs LoRA adapters to train, but the model has "
-                "no LoRA layers (target_modules=None). Pass target_modules, "
-                f"or drop {key}."
+                f"bias must be one of {BIAS_MODES}. Received: "
+                f"bias={self.bias!r}"
             )
-    gc = merged["gradient_checkpointing"]
-    if gc is not True and gc is not False and not _is_selector(gc):
-        raise TypeError(
-            "gradient_checkpointing must be True, False, or a selector of "
-            "the blocks to rematerialize (list of names, regex, callable). "
-            f"Received: gradient_checkpointing={gc!r}"
-        )
-    return merged
+        for key in ("offload_optimizer", "optimizer_8bit"):
+            value = getattr(self, key)
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"{key} must be True or False. Received: {key}={value!r}"
+                )
+        gc = self.gradient_checkpointing
+        if gc is not True and gc is not False and not _is_selector(gc):
+            raise TypeError(
+                "gradient_checkpointing must be True, False, or a selector "
+                "of the blocks to rematerialize (list of names, regex, "
+                f"callable). Received: gradient_checkpointing={gc!r}"
+            )
+
+    def check_model(self, has_lora: bool):
+        """Refuses optimizer options on a model that has nothing to train.
+
+        Args:
+            has_lora: whether any replaced layer carries a LoRA adapter.
+
+        Raises:
+            ValueError: `offload_optimizer` or `optimizer_8bit` without LoRA.
+        """
+        for key in ("offload_optimizer", "optimizer_8bit"):
+            if getattr(self, key) and not has_lora:
+                raise ValueError(
+                    f"{key}=True needs LoRA adapters to train, but the model "
+                    "has no LoRA layers (target_modules=None or matched "
+                    f"nothing). Pass target_modules, or drop {key}."
+                )
+
+    def to_dict(self) -> dict:
+        """The options as a dict (a selector is left as it is)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, config) -> "TrainingOptions":
+        """Options from a dict; missing keys take the defaults.
+
+        Raises:
+            ValueError: an unknown key; TypeError / ValueError: bad values.
+        """
+        if isinstance(config, cls):
+            return config
+        known = field_names()
+        unknown = sorted(set(config or {}) - set(known))
+        if unknown:
+            raise ValueError(
+                f"Unknown training options {unknown}. Known: {sorted(known)}"
+            )
+        return cls(**dict(config or {}))
+
+    def replace(self, **changes) -> "TrainingOptions":
+        """A copy with `changes` (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def __getitem__(self, key):
+        # Read access by name, as the dict this object replaced.
+        if key not in field_names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+def field_names() -> tuple:
+    """The training options' names, as `apply()` takes them."""
+    return tuple(f.name for f in dataclasses.fields(TrainingOptions))
 
 
 def prepare_optimizer(optimizer, options):
@@ -71,7 +122,7 @@ def prepare_optimizer(optimizer, options):
 
     Args:
         optimizer: what the user passed to `compile` (instance or name).
-        options: checked training options.
+        options: the model's `TrainingOptions`.
 
     Returns:
         A Keras optimizer: converted to `AdamW8bit` when `optimizer_8bit`,
@@ -81,14 +132,14 @@ def prepare_optimizer(optimizer, options):
         TypeError: the optimizer cannot be made 8-bit or offloaded.
     """
     optimizer = keras.optimizers.get(optimizer)
-    if options["optimizer_8bit"] and type(optimizer).__name__ != "AdamW8bit":
+    if options.optimizer_8bit and type(optimizer).__name__ != "AdamW8bit":
         from keras_qlora.training.adam8bit import AdamW8bit
 
         optimizer = AdamW8bit.from_optimizer(optimizer)
-    if options["offload_optimizer"] and not isinstance(
+    if options.offload_optimizer and not isinstance(
         optimizer, HostOffloadOptimizer
     ):
-        check_offloadable(optimizer)
+        # HostOffloadOptimizer refuses what it cannot offload.
         optimizer = HostOffloadOptimizer(optimizer)
     return optimizer
 

@@ -16,7 +16,7 @@ from adapter_helpers import snapshot
 
 import keras_qlora
 from keras_qlora import adapters
-from keras_qlora.adapters import atomic
+from keras_qlora import atomic
 from keras_qlora.adapters import fingerprint as fp
 
 CONFIG = "adapter_config.json"

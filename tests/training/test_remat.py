@@ -13,9 +13,9 @@ import pytest
 import tensorflow as tf
 
 import keras_qlora
-from keras_qlora.training.remat import checkpointed_layers
-from keras_qlora.training.remat import disable_gradient_checkpointing
-from keras_qlora.training.remat import enable_gradient_checkpointing
+from keras_qlora.remat import checkpointed_layers
+from keras_qlora.remat import disable_gradient_checkpointing
+from keras_qlora.remat import enable_gradient_checkpointing
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
@@ -229,7 +229,7 @@ def test_fit_matches_fit_without_checkpointing():
 _PURE_TF_SCRIPT = """
 import json, keras, keras_hub, numpy as np, tensorflow as tf
 import keras_qlora
-from keras_qlora.training.remat import enable_gradient_checkpointing
+from keras_qlora.remat import enable_gradient_checkpointing
 keras.utils.set_random_seed(0)
 backbone = keras_hub.models.BertBackbone(
     vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16,

@@ -40,7 +40,9 @@ from keras.src.backend.common import global_state
 from keras.src.backend.common.variables import AutocastScope
 from keras.src.layers.layer import CallContext
 
+from keras_qlora import selectors
 from keras_qlora import surgery
+from keras_qlora.wrapper import unwrap
 
 # Class names of transformer blocks in keras_hub 0.32 (GemmaDecoderBlock,
 # LlamaTransformerDecoder, DFineDecoderLayer, ...).
@@ -177,12 +179,7 @@ def checkpointed_layers(model) -> list[str]:
 
 
 def _root(model):
-    # Imported here: model.py / rewrite.py may call into this module (apply
-    # with gradient checkpointing, reloading a saved model).
-    from keras_qlora.model import QLoRAModel
-
-    if isinstance(model, QLoRAModel):
-        return model.base_model
+    model = unwrap(model)
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(
             "Gradient checkpointing expects a Keras model or layer (or a "
@@ -218,9 +215,7 @@ def _select(entries, blocks):
             "regex string, a re.Pattern or a callable (path, layer) -> "
             f"bool. Received: blocks={blocks!r}"
         )
-    from keras_qlora.rewrite import _matcher  # see _root
-
-    match = _matcher(blocks)
+    match = selectors.matcher(blocks)
     matched = [e for e in entries if match(e.path, e.layer)]
     if not matched:
         raise ValueError(
