@@ -41,6 +41,7 @@ from keras_qlora.quantizers import NF4State
 from keras_qlora.quantizers import dequantize_nf4
 from keras_qlora.quantizers import quantize_nf4
 from keras_qlora.report import summary
+from keras_qlora.settings import QLoRASettings
 from keras_qlora.rewrite import apply
 
 __version__ = "0.1.0"
@@ -63,6 +64,7 @@ __all__ = [
     "QLoRADense",
     "QLoRAEinsumDense",
     "QLoRAModel",
+    "QLoRASettings",
     "apply",
     "dequantize_nf4",
     "export",

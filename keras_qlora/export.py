@@ -17,8 +17,8 @@ import os
 
 import keras
 
-from keras_qlora import ops as qops
 from keras_qlora import atomic
+from keras_qlora import ops as qops
 
 _NOT_REGISTERED = "Op type not registered"
 _SAVED_MODEL_PB = "saved_model.pb"

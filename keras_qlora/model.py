@@ -306,4 +306,3 @@ def _trim_after_first_call(function):
     call._keras_qlora_trims = True
     call.__wrapped__ = function
     return call
-

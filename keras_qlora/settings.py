@@ -14,6 +14,7 @@ the one table between them.
 
 import dataclasses
 import math
+
 import numpy as np
 
 from keras_qlora.quantizers.state import check_block_size

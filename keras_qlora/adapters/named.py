@@ -22,9 +22,9 @@ a saved optimizer; a model saved compiled with another adapter than
 import numpy as np
 
 from keras_qlora import surgery
-from keras_qlora.wrapper import require_qlora_model
 from keras_qlora.layers.adapter_slots import DEFAULT_ADAPTER
 from keras_qlora.layers.adapter_slots import check_adapter_name
+from keras_qlora.wrapper import require_qlora_model
 
 # Attribute of the model holding {adapter name: {key: numpy value}} for the
 # modules_to_save values of inactive adapters.

@@ -207,7 +207,7 @@ def _read_meta(state_dict, prefix):
             f"'{key[len(start) :]}' weight; only 'nf4' is supported "
             "(fp4 has a different code table)."
         )
-    raw = _to_numpy(state_dict[key], key)
+    raw = tensor_to_numpy(state_dict[key], key)
     try:
         meta = json.loads(np.asarray(raw, dtype=np.uint8).tobytes())
     except (ValueError, TypeError) as err:
@@ -318,7 +318,7 @@ def _array(state_dict, prefix, name, dtype, shape=None):
             f"from_bitsandbytes: missing key '{key}'. Received keys under "
             f"'{prefix}': {_keys_under(state_dict, prefix)}"
         )
-    value = _to_numpy(state_dict[key], key)
+    value = tensor_to_numpy(state_dict[key], key)
     if value.dtype != dtype or (shape is not None and value.shape != shape):
         want = np.dtype(dtype).name
         raise ValueError(
@@ -329,7 +329,13 @@ def _array(state_dict, prefix, name, dtype, shape=None):
     return value
 
 
-def _to_numpy(value, key):
+def tensor_to_numpy(value, key):
+    """A state-dict value (torch tensor, bytes, array-like) as numpy;
+    `key` names it in errors.
+
+    Raises:
+        TypeError: a value that is not numeric data.
+    """
     if hasattr(value, "detach"):  # a torch tensor; no torch import needed
         try:
             value = value.detach().cpu().numpy()

@@ -20,8 +20,8 @@ import numpy as np
 from keras_qlora.interop import fused_state
 from keras_qlora.interop import hf_modules
 from keras_qlora.interop import names
-from keras_qlora.interop.bitsandbytes import _to_numpy
 from keras_qlora.interop.bitsandbytes import from_bitsandbytes
+from keras_qlora.interop.bitsandbytes import tensor_to_numpy
 from keras_qlora.interop.bitsandbytes import to_bitsandbytes
 
 # Marks the metadata entry of a bitsandbytes 4-bit weight.
@@ -247,7 +247,7 @@ def _bias(state_dict, key, size):
     if str(getattr(value, "dtype", "")) == "torch.bfloat16":
         # numpy has no bfloat16; widening to float32 is exact.
         value = value.float()
-    value = _to_numpy(value, key)
+    value = tensor_to_numpy(value, key)
     if value.shape != (size,) or not np.issubdtype(value.dtype, np.floating):
         raise ValueError(
             f"'{key}' must be a float vector of shape [{size}]. Received: "

@@ -30,8 +30,8 @@ import re
 import keras
 import numpy as np
 
-from keras_qlora import surgery
 from keras_qlora import atomic
+from keras_qlora import surgery
 from keras_qlora.adapters import named
 from keras_qlora.adapters.files import LoadPlan
 from keras_qlora.interop import hf_modules
