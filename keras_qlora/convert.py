@@ -61,6 +61,7 @@ def execute(plan, settings, quantize, verbose, prebuilt=None):
     checkpoint is read); those float kernels are never read here.
     """
     prebuilt = prebuilt or {}
+    preflight(plan, settings, quantize, prebuilt)
     replaced = []
     progress = keras.utils.Progbar(len(plan)) if verbose and plan else None
     for i, (entry, with_lora) in enumerate(plan):
@@ -84,6 +85,26 @@ def execute(plan, settings, quantize, verbose, prebuilt=None):
     gc.collect()
     release_free_memory()
     return replaced
+
+
+def preflight(plan, settings, quantize, prebuilt=None):
+    """Runs every per-layer check of `execute` over all of `plan` before
+    the first layer changes, so a refusal leaves the model as it was.
+
+    Raises:
+        TypeError / ValueError: the first layer that cannot be converted
+            (a rank above min(K, N), an equation that is not one matmul, a
+            non-float or non-finite kernel, a layer Keras quantized or gave
+            a LoRA), naming it.
+    """
+    prebuilt = prebuilt or {}
+    for entry, with_lora in plan:
+        if id(entry.layer) in prebuilt:
+            continue  # checked as its kernel was read
+        cls = _converter(entry.layer)
+        cls.check_source(
+            entry.layer, settings.for_layer(with_lora), check_values=quantize
+        )
 
 
 def release_free_memory() -> bool:
@@ -151,11 +172,15 @@ def convertible(layer) -> bool:
 def convert_layer(layer, settings, with_lora, quantize):
     """The QLoRA layer for float `layer` (see `QLoRALayerBase.from_layer`),
     with an adapter when `with_lora`."""
+    return _converter(layer).from_layer(
+        layer, settings.for_layer(with_lora), quantize=quantize
+    )
+
+
+def _converter(layer):
     for src, cls in _CONVERTERS:
         if isinstance(layer, src):
-            return cls.from_layer(
-                layer, settings.for_layer(with_lora), quantize=quantize
-            )
+            return cls
     raise TypeError(f"No QLoRA layer for {type(layer).__name__}")
 
 

@@ -60,6 +60,9 @@ def collect(model) -> dict:
         "nf4_bits_per_weight": 8.0 * nf4_bytes / max(nf4_weights, 1),
         "modules_to_save": list(report.get("modules_to_save", [])),
         "unmatched_targets": list(report.get("unmatched_targets", [])),
+        "unmatched_modules_to_save": list(
+            report.get("unmatched_modules_to_save", [])
+        ),
     }
 
 
@@ -109,6 +112,11 @@ def summary(model, print_fn=print) -> str:
         rows.append(
             "Targets that matched nothing: "
             + ", ".join(info["unmatched_targets"])
+        )
+    if info["unmatched_modules_to_save"]:
+        rows.append(
+            "modules_to_save names that matched nothing: "
+            + ", ".join(info["unmatched_modules_to_save"])
         )
     text = "\n".join(rows)
     if print_fn is not None:

@@ -200,6 +200,7 @@ def rewrite(model, settings, selection, verbose=False, prebuilt=None):
         "replaced": replaced,
         "modules_to_save": selection.saved_paths,
         "unmatched_targets": selection.unmatched_targets,
+        "unmatched_modules_to_save": selection.unmatched_saved,
         "seconds": time.perf_counter() - start,
     }
 
@@ -212,6 +213,7 @@ class Selection:
     plan: list
     saved_paths: list
     unmatched_targets: list
+    unmatched_saved: list = dataclasses.field(default_factory=list)
 
 
 def select(model, settings, chosen) -> Selection:
@@ -244,10 +246,21 @@ def select(model, settings, chosen) -> Selection:
     targets = pick("target_modules", linear)
     excluded = pick("exclude_modules", linear)
     saved = pick("modules_to_save", found)
+    _check_saved(chosen["modules_to_save"], saved, found)
+    matched_targets = set(targets)
     quant = targets | pick("quantize_modules", linear)
     quant -= excluded | saved
     targets &= quant
     names = ", ".join(f.path for f in linear) or "(none)"
+    if matched_targets and not targets:
+        removed = [f.path for f in linear if id(f.layer) in matched_targets]
+        raise ValueError(
+            f"target_modules {selectors.describe(chosen['target_modules'])} "
+            f"matched {removed}, but exclude_modules / modules_to_save "
+            "removed every one of them, so no layer would get LoRA. Drop "
+            "them from exclude_modules / modules_to_save, or pass "
+            "target_modules=None for a 4-bit model without adapters."
+        )
     if not quant:
         raise ValueError(
             "Nothing to quantize: quantize_modules "
@@ -274,7 +287,20 @@ def select(model, settings, chosen) -> Selection:
         ],
         saved_paths=[f.path for f in found if id(f.layer) in saved],
         unmatched_targets=selectors.unmatched(chosen["target_modules"], found),
+        unmatched_saved=selectors.unmatched(chosen["modules_to_save"], found),
     )
+
+
+def _check_saved(selector, saved, found):
+    """Refuses a `modules_to_save` that matches no layer at all (a typo
+    would otherwise leave the head frozen without a word); names that match
+    nothing beside ones that do are reported (`summary()`)."""
+    if selector is not None and not saved:
+        raise ValueError(
+            f"modules_to_save {selectors.describe(selector)} matched no "
+            "layer of the model. Its layers are: "
+            f"{', '.join(f.path for f in found) or '(none)'}"
+        )
 
 
 def _check_model(model):
@@ -292,4 +318,13 @@ def _check_model(model):
         raise ValueError(
             f"Model '{model.name}' is not built. Build it (call it on a "
             "batch, or give it an Input) before keras_qlora.apply()."
+        )
+    if convert.convertible(model):
+        raise ValueError(
+            f"keras_qlora.apply() edits the layers inside a model, and "
+            f"received a bare {type(model).__name__} layer '{model.name}'. "
+            "Wrap it in a model (e.g. keras.Sequential([keras.Input(...), "
+            "layer])), or convert the layer itself with "
+            "keras_qlora.QLoRADense.from_layer / "
+            "QLoRAEinsumDense.from_layer."
         )

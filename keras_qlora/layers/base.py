@@ -85,12 +85,7 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
     # -- build helpers -----------------------------------------------------
 
     def _build_qlora(self, k, n):
-        if self.rank is not None and self.rank > min(k, n):
-            raise ValueError(
-                f"Layer '{self.name}': rank must be <= min(K, N) = "
-                f"{min(k, n)} for a [{k}, {n}] kernel. "
-                f"Received: rank={self.rank}"
-            )
+        _check_rank_fits(self.name, self.rank, k, n)
         self.kernel_2d_shape = (int(k), int(n))
         blocks = num_blocks(k * n, self.block_size)
         # uint8 state cannot be broadcast by multi-worker strategies; see
@@ -219,20 +214,47 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
             TypeError: a layer of another type, or a non-float kernel.
             ValueError: an unbuilt layer, a NaN/Inf kernel, bad settings.
         """
+        if settings is None:
+            scale_search = kwargs.pop("scale_search", True)
+            settings = QLoRASettings.from_layer_config(
+                kwargs, getattr(layer, "name", "?"), scale_search=scale_search
+            )
+            kwargs = {}
+        new = cls.check_source(layer, settings, check_values=False, **kwargs)
+        value = check_source_kernel(layer, layer.kernel) if quantize else None
+        new.build(new._source_input_shape(layer))
+        if quantize:
+            new.set_nf4_state(new.quantize_kernel(value))
+            new.copy_bias_from(layer)
+        return new
+
+    @classmethod
+    def check_source(cls, layer, settings, check_values=True, **kwargs):
+        """Runs every check `from_layer` makes on `layer`, building nothing.
+
+        `apply()` runs it over all selected layers before converting the
+        first, so a refusal leaves the model as it was.
+
+        Args:
+            layer: the float layer.
+            settings: the `QLoRASettings` the layer would get.
+            check_values: also check the kernel is float and finite (on
+                the variable, without a float32 copy).
+
+        Returns:
+            The new layer, constructed (not built): its settings and
+            configuration checked.
+
+        Raises:
+            TypeError / ValueError: as `from_layer`.
+        """
         if not isinstance(layer, cls.SOURCE_TYPE):
             raise TypeError(
                 f"{cls.__name__}.from_layer expects a "
                 f"keras.layers.{cls.SOURCE_TYPE.__name__}. Received: "
                 f"{type(layer).__name__} '{getattr(layer, 'name', '')}'"
             )
-        if settings is None:
-            scale_search = kwargs.pop("scale_search", True)
-            settings = QLoRASettings.from_layer_config(
-                kwargs, layer.name, scale_search=scale_search
-            )
-            kwargs = {}
         check_source_layer(layer)
-        value = check_source_kernel(layer, layer.kernel) if quantize else None
         new = cls(
             **cls._config_from_source(layer),
             settings=settings,
@@ -240,10 +262,9 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
             dtype=layer.dtype_policy,
             **kwargs,
         )
-        new.build(new._source_input_shape(layer))
-        if quantize:
-            new.set_nf4_state(new.quantize_kernel(value))
-            new.copy_bias_from(layer)
+        _check_rank_fits(layer.name, new.rank, *new._source_matrix(layer))
+        if check_values:
+            check_source_values(layer, layer.kernel)
         return new
 
     def quantize_kernel(self, kernel) -> NF4State:
@@ -269,6 +290,10 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
 
     def _source_input_shape(self, layer):
         """The shape to build with, from the float layer."""
+        raise NotImplementedError
+
+    def _source_matrix(self, layer):
+        """`(K, N)` of the float layer's kernel as this layer stores it."""
         raise NotImplementedError
 
     def _kernel_to_2d(self, kernel):
@@ -435,21 +460,45 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
 
 
 def check_source_kernel(layer, kernel):
-    """Validates the float kernel a QLoRA layer is made from; returns numpy."""
+    """Validates the float kernel a QLoRA layer is made from; returns numpy
+    float32."""
+    _check_float(layer, kernel)
+    value = np.asarray(ops.convert_to_numpy(ops.cast(kernel, "float32")))
+    _check_finite(layer, int(value.size - np.isfinite(value).sum()))
+    return value
+
+
+def check_source_values(layer, kernel):
+    """`check_source_kernel` without the float32 copy (counted in the
+    kernel's own dtype)."""
+    _check_float(layer, kernel)
+    finite = ops.sum(ops.cast(ops.isfinite(kernel), "int64"))
+    _check_finite(layer, int(np.prod(kernel.shape)) - int(finite))
+
+
+def _check_float(layer, kernel):
     dtype = keras.backend.standardize_dtype(kernel.dtype)
     if "float" not in dtype:
         raise TypeError(
             f"Layer '{layer.name}' has a {dtype} kernel; only float kernels "
             "can be quantized to NF4 (is it already quantized?)."
         )
-    value = np.asarray(ops.convert_to_numpy(ops.cast(kernel, "float32")))
-    bad = int(value.size - np.isfinite(value).sum())
+
+
+def _check_finite(layer, bad):
     if bad:
         raise ValueError(
             f"Layer '{layer.name}': its kernel has {bad} non-finite values "
             "(NaN or Inf). Fix the weights before quantizing."
         )
-    return value
+
+
+def _check_rank_fits(name, rank, k, n):
+    if rank is not None and rank > min(k, n):
+        raise ValueError(
+            f"Layer '{name}': rank must be <= min(K, N) = {min(k, n)} for a "
+            f"[{k}, {n}] kernel. Received: rank={rank}"
+        )
 
 
 def check_source_layer(layer):

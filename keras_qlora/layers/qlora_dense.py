@@ -97,3 +97,6 @@ class QLoRADense(QLoRALayerBase):
 
     def _source_input_shape(self, layer):
         return (None, int(layer.kernel.shape[0]))
+
+    def _source_matrix(self, layer):
+        return int(layer.kernel.shape[0]), self.units

@@ -102,5 +102,8 @@ class QLoRAEinsumDense(QLoRALayerBase):
     def _source_input_shape(self, layer):
         return None  # the kernel shape is in the config
 
+    def _source_matrix(self, layer):
+        return self.plan.k, self.plan.n
+
     def _kernel_to_2d(self, kernel):
         return ops.convert_to_numpy(self.plan.kernel_to_2d(kernel))
