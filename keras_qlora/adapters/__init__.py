@@ -8,6 +8,7 @@ Example:
 >>> keras_qlora.set_adapter(model, "task_b")
 """
 
+from keras_qlora.adapters.files import NonFiniteError
 from keras_qlora.adapters.files import load_adapter
 from keras_qlora.adapters.files import save_adapter
 from keras_qlora.adapters.merge import merge
@@ -22,6 +23,7 @@ from keras_qlora.adapters.named import list_adapters
 from keras_qlora.adapters.named import set_adapter
 
 __all__ = [
+    "NonFiniteError",
     "active_adapter",
     "adapters_enabled",
     "add_adapter",

@@ -15,6 +15,8 @@ import dataclasses
 import hashlib
 import os
 
+import keras
+import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -25,6 +27,11 @@ from keras_qlora.adapters import fingerprint as fp
 from keras_qlora.adapters import named
 from keras_qlora.layers.adapter_slots import DEFAULT_ADAPTER
 from keras_qlora.layers.adapter_slots import check_adapter_name
+
+
+class NonFiniteError(ValueError):
+    """Weights or optimizer state hold NaN or Inf (training diverged); they
+    are never written, since nothing could load them back."""
 
 
 def save_adapter(model, path, overwrite: bool = False, name=None) -> str:
@@ -43,8 +50,11 @@ def save_adapter(model, path, overwrite: bool = False, name=None) -> str:
     Raises:
         TypeError: not a `QLoRAModel`.
         FileExistsError: `path` exists and `overwrite` is False.
-        ValueError: unknown adapter name, or `path` exists but is not an
-            adapter directory (never replaced, even with `overwrite`).
+        ValueError: unknown adapter name; weights that hold NaN or Inf
+            (a diverged run: `load_adapter` could not load them, so
+            nothing is written and an existing adapter stays); or `path`
+            exists but is not an adapter directory (never replaced, even
+            with `overwrite`).
 
     Example:
     >>> keras_qlora.save_adapter(model, "adapters/sst2")
@@ -178,6 +188,7 @@ def _write(model, layers, directory, name):
         tensors[f"{path}/lora_b"] = lora_b.numpy()
     tensors.update(named.module_values(model, name))
     tensors = {k: np.require(v, requirements="C") for k, v in tensors.items()}
+    _refuse_non_finite(tensors, name)
     data = safetensors.numpy.save(tensors, metadata={"format": cfg.FORMAT})
     config = _config(model, layers, name, fp.fingerprint(model.qlora_layers()))
     config["weights_sha256"] = hashlib.sha256(data).hexdigest()
@@ -185,6 +196,23 @@ def _write(model, layers, directory, name):
     atomic.write_bytes(
         os.path.join(directory, cfg.CONFIG_FILE), cfg.dumps(config)
     )
+
+
+def _refuse_non_finite(tensors, name):
+    bad = {
+        key: int(value.size - np.isfinite(value).sum())
+        for key, value in tensors.items()
+        if np.issubdtype(value.dtype, np.floating)
+    }
+    bad = {key: count for key, count in bad.items() if count}
+    if bad:
+        shown = ", ".join(f"'{k}' ({n})" for k, n in list(bad.items())[:5])
+        raise NonFiniteError(
+            f"Adapter {name!r} holds NaN or Inf values in {len(bad)} "
+            f"tensor(s): {shown}; training has diverged. Nothing was "
+            "written, and an adapter already at the target path is "
+            "unchanged."
+        )
 
 
 def _config(model, layers, name, base_model):
@@ -254,7 +282,19 @@ def _check_tensors(tensors, variables, source):
                 f"{source}: '{key}' has dtype {value.dtype}; expected a "
                 f"float dtype or {variable.dtype}."
             )
-        if np.issubdtype(value.dtype, np.floating) and not np.all(
-            np.isfinite(value)
-        ):
-            raise ValueError(f"{source}: '{key}' holds NaN or Inf values.")
+        if np.issubdtype(value.dtype, np.floating):
+            # Checked after the cast the assignment will make: a float64
+            # 1e300 is finite, and inf once float32.
+            with np.errstate(over="ignore"):
+                value = value.astype(_numpy_dtype(variable.dtype))
+            if not np.all(np.isfinite(value)):
+                raise ValueError(
+                    f"{source}: '{key}' holds NaN or Inf values (as "
+                    f"{value.dtype}, the variable's dtype)."
+                )
+            tensors[key] = value
+
+
+def _numpy_dtype(dtype):
+    name = keras.backend.standardize_dtype(dtype)
+    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)

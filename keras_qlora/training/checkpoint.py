@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 
 import keras
 import ml_dtypes
@@ -38,6 +39,7 @@ import safetensors.numpy
 from keras_qlora import atomic
 from keras_qlora.adapters import files as adapter_files
 from keras_qlora.adapters import named
+from keras_qlora.adapters.files import NonFiniteError
 
 FORMAT = "keras_qlora.checkpoint"
 FORMAT_VERSION = 1
@@ -45,6 +47,7 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 ADAPTER_DIR = "adapter"
 _NAME = re.compile(r"ckpt-(\d{6,})")
+_ON_NON_FINITE = ("warn", "stop", "raise")
 
 
 class AdapterCheckpoint(keras.callbacks.Callback):
@@ -58,14 +61,28 @@ class AdapterCheckpoint(keras.callbacks.Callback):
             of its epoch, with that epoch's first updates already applied.
         keep: how many of the newest checkpoints to keep (older ones are
             deleted after a new one is complete), or None to keep all.
+        on_non_finite: what to do when the adapter or optimizer state
+            holds NaN or Inf (training diverged) at a save: such a state is
+            never written (nothing could restore it) and the checkpoints
+            already there are kept; `"warn"` warns and training goes on,
+            `"stop"` warns and stops training (`model.stop_training`),
+            `"raise"` raises `keras_qlora.adapters.NonFiniteError`.
 
     Raises:
-        ValueError: a bad `save_freq` or `keep`.
+        ValueError: a bad `save_freq`, `keep` or `on_non_finite`.
         TypeError: (when training starts) the model is not a `QLoRAModel`.
     """
 
-    def __init__(self, directory, save_freq="epoch", keep=3):
+    def __init__(
+        self, directory, save_freq="epoch", keep=3, on_non_finite="warn"
+    ):
         super().__init__()
+        if on_non_finite not in _ON_NON_FINITE:
+            raise ValueError(
+                f"on_non_finite must be one of {_ON_NON_FINITE}. Received: "
+                f"on_non_finite={on_non_finite!r}"
+            )
+        self.on_non_finite = on_non_finite
         if save_freq != "epoch" and (
             isinstance(save_freq, bool)
             or not isinstance(save_freq, int)
@@ -114,10 +131,22 @@ class AdapterCheckpoint(keras.callbacks.Callback):
     def _save(self, epoch, complete, batch):
         step = _step(self.model, self._seen)
         extra = {"epoch_complete": complete, "batch": batch, "step": step}
-        save_checkpoint(
-            self.model, self.directory, epoch, keep=self.keep, extra=extra
-        )
         self._last_step = step
+        try:
+            save_checkpoint(
+                self.model, self.directory, epoch, keep=self.keep, extra=extra
+            )
+        except NonFiniteError as err:
+            if self.on_non_finite == "raise":
+                raise
+            warnings.warn(
+                f"AdapterCheckpoint skipped the checkpoint of epoch {epoch} "
+                f"(step {step}): {err}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            if self.on_non_finite == "stop":
+                self.model.stop_training = True
 
 
 def save_checkpoint(model, directory, epoch: int, keep=None, extra=None):
@@ -133,6 +162,8 @@ def save_checkpoint(model, directory, epoch: int, keep=None, extra=None):
     Raises:
         TypeError: not a `QLoRAModel`, or a non-int `epoch`.
         ValueError: the model is not compiled.
+        keras_qlora.adapters.NonFiniteError: the adapter or optimizer
+            state holds NaN or Inf; nothing is written or pruned.
     """
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise TypeError(
@@ -142,6 +173,7 @@ def save_checkpoint(model, directory, epoch: int, keep=None, extra=None):
     directory = os.path.abspath(os.fspath(directory))
     os.makedirs(directory, exist_ok=True)
     values = [np.asarray(v.numpy()) for v in optimizer.variables]
+    _refuse_non_finite(optimizer.variables, values)
     state = dict(
         extra or {},
         format=FORMAT,
@@ -284,6 +316,18 @@ def _describe(variables, model):
     ]
 
 
+def _refuse_non_finite(variables, values):
+    for variable, value in zip(variables, values, strict=True):
+        if value.dtype.kind == "f" or value.dtype.name == "bfloat16":
+            bad = int(value.size - np.isfinite(value.astype("float32")).sum())
+            if bad:
+                raise NonFiniteError(
+                    f"Optimizer variable '{variable.path}' holds {bad} NaN or "
+                    "Inf values; training has diverged. No checkpoint was "
+                    "written and none was pruned."
+                )
+
+
 def _storable(value):
     # numpy has no bfloat16; its bits travel as uint16.
     if value.dtype.name == "bfloat16":
@@ -324,14 +368,15 @@ def _read_state(path):
         and state.get("format_version") == FORMAT_VERSION
         and isinstance(state.get("epoch"), int)
         and not isinstance(state.get("epoch"), bool)
+        and state["epoch"] >= 0
         and isinstance(state.get("adapter_name"), str)
         and isinstance(state.get("optimizer"), list)
     )
     if not ok:
         raise ValueError(
             f"{path} is not a keras_qlora checkpoint state (version "
-            f"{FORMAT_VERSION}) with int 'epoch', str 'adapter_name' and an "
-            "'optimizer' list."
+            f"{FORMAT_VERSION}) with a non-negative int 'epoch', str "
+            "'adapter_name' and an 'optimizer' list."
         )
     return state
 
@@ -356,6 +401,11 @@ def _read_optimizer(path, state, variables, model):
         )
     values = []
     for want, got in zip(current, saved, strict=True):
+        if not isinstance(got, dict):
+            raise ValueError(
+                f"{os.path.join(path, STATE_FILE)}: each 'optimizer' entry "
+                f"must be an object. Received: {got!r}"
+            )
         keys = ("index", "role", "shape", "dtype")
         if any(got.get(k) != want[k] for k in keys):
             raise ValueError(
@@ -375,5 +425,29 @@ def _read_optimizer(path, state, variables, model):
             )
         if want["dtype"] == "bfloat16":
             value = value.view(ml_dtypes.bfloat16)
+        _check_value(source, want, value)
         values.append(value)
     return values
+
+
+def _check_value(source, want, value):
+    """Refuses optimizer state no run could have written: NaN/Inf moments,
+    a negative step count or learning rate."""
+    name = want["name"]
+    if value.dtype.kind == "f" or value.dtype.name == "bfloat16":
+        as_float = value.astype("float32")
+        if not np.isfinite(as_float).all():
+            raise ValueError(
+                f"{source}: optimizer variable {want['index']} ('{name}') "
+                "holds NaN or Inf values."
+            )
+        if name == "learning_rate" and (as_float < 0).any():
+            raise ValueError(
+                f"{source}: the learning rate must be >= 0. Received: "
+                f"{as_float.tolist()}"
+            )
+    if name in ("iteration", "iterations") and (value < 0).any():
+        raise ValueError(
+            f"{source}: the optimizer step count must be >= 0. Received: "
+            f"{value.tolist()}"
+        )
