@@ -58,6 +58,31 @@ def check_replaceable(target, overwrite, marker, kind):
         )
 
 
+def make_dirs(directory, target=None):
+    """Creates `directory` and its parents, as `os.makedirs`.
+
+    Raises:
+        NotADirectoryError: `directory` or a path above it is a file; the
+            message names it (and `target`, what was to be written).
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = directory
+        while not os.path.exists(blocker):
+            blocker = os.path.dirname(blocker)
+        raise NotADirectoryError(
+            f"Cannot write {target or directory}: {blocker} is a file, not "
+            "a directory."
+        ) from None
+
+
+def make_parents(target):
+    """Creates the directories above `target` (see `make_dirs`)."""
+    make_dirs(os.path.dirname(os.path.abspath(os.fspath(target))), target)
+
+
 @contextlib.contextmanager
 def staging_dir(target):
     """Yields a fresh temporary directory next to `target`.
@@ -67,7 +92,7 @@ def staging_dir(target):
     """
     target = os.path.abspath(os.fspath(target))
     parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
+    make_parents(target)
     tmp = tempfile.mkdtemp(prefix=f".{name}{TMP_MARK}", dir=parent)
     try:
         yield tmp

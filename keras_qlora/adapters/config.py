@@ -102,7 +102,7 @@ def parse(data: bytes, source: str) -> dict:
     """
     try:
         config = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{source} is not valid JSON: {err}") from None
     _check_fields(config, _SCHEMA, source, "")
     if config["format"] != FORMAT:

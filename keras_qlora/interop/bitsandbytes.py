@@ -210,7 +210,7 @@ def _read_meta(state_dict, prefix):
     raw = tensor_to_numpy(state_dict[key], key)
     try:
         meta = json.loads(np.asarray(raw, dtype=np.uint8).tobytes())
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, RecursionError) as err:
         raise ValueError(
             f"from_bitsandbytes: '{key}' must be the uint8 bytes of a UTF-8 "
             f"JSON dict. Received: {_describe(raw)} ({err})"

@@ -74,7 +74,7 @@ def parse_config(data: bytes, source: str) -> PeftConfig:
     """
     try:
         raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{source} is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
         raise ValueError(
@@ -186,9 +186,14 @@ def lora_key(module: str, which: str) -> str:
 
 def _pattern_key(pattern, module):
     for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(_module_pattern(key), module):
             return key
     return None
+
+
+def _module_pattern(key):
+    """A `rank_pattern` / `alpha_pattern` key as PEFT matches it."""
+    return rf"(.*\.)?({key})$"
 
 
 def _check(source, field, value, ok, description):
@@ -210,10 +215,15 @@ def _check_pattern(source, field, pattern, ok):
         )
     for key in pattern:
         try:
-            re.compile(key)
+            # Compiled as PEFT uses it, inside a larger pattern: a global
+            # flag such as "(?i)" is valid alone but not there.
+            re.compile(_module_pattern(key))
         except re.error as err:
             raise ValueError(
-                f"{source}: '{field}' key {key!r} is not a valid regex: {err}"
+                f"{source}: '{field}' key {key!r} is not a valid module "
+                f"pattern ({err}); it is matched as "
+                f"{_module_pattern(key)!r}, so flags must be scoped, e.g. "
+                "'(?i:query)' for '(?i)query'."
             ) from None
 
 

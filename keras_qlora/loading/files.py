@@ -60,8 +60,7 @@ def preset_format(preset) -> tuple:
         )
     if not os.path.isdir(preset):
         raise ValueError(
-            f"Preset directory '{preset}' does not exist or is not a "
-            "directory."
+            f"Preset directory '{preset}' does not exist or is not a directory."
         )
     config = _read_json(preset, CONFIG_FILE)
     if not isinstance(config, dict):
@@ -152,7 +151,11 @@ def check_safetensors(path) -> dict:
             )
         try:
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (
+            UnicodeDecodeError,
+            json.JSONDecodeError,
+            RecursionError,
+        ) as err:
             raise ValueError(
                 f"'{path}' is not a safetensors file: its header is not "
                 f"JSON ({err})."
@@ -216,8 +219,7 @@ def _check_entry(path, name, info, data, size):
         itemsize = _SAFETENSORS_ITEMSIZE.get(info["dtype"])
     except (KeyError, TypeError, ValueError):
         raise ValueError(
-            f"'{path}': tensor '{name}' has a malformed header entry "
-            f"{info!r}."
+            f"'{path}': tensor '{name}' has a malformed header entry {info!r}."
         ) from None
     if end > data:
         raise ValueError(
@@ -259,7 +261,7 @@ def _read_json(preset, name):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"'{path}' is not valid JSON: {err}") from None
 
 
@@ -287,4 +289,6 @@ def _join(preset, name):
 
 def _listing(preset):
     names = sorted(os.listdir(preset))
-    return ", ".join(names[:30]) + (" ..." if len(names) > 30 else "") or "(empty)"
+    return (
+        ", ".join(names[:30]) + (" ..." if len(names) > 30 else "") or "(empty)"
+    )

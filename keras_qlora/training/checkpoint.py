@@ -107,7 +107,7 @@ class AdapterCheckpoint(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         named.lora_layers(self.model, "training.AdapterCheckpoint")
-        os.makedirs(self.directory, exist_ok=True)
+        atomic.make_dirs(self.directory)
         _remove_stale(self.directory)
         self._last_step = _step(self.model, self._seen)
 
@@ -171,7 +171,7 @@ def save_checkpoint(model, directory, epoch: int, keep=None, extra=None):
         )
     optimizer = _optimizer(model, "save_checkpoint")
     directory = os.path.abspath(os.fspath(directory))
-    os.makedirs(directory, exist_ok=True)
+    atomic.make_dirs(directory)
     values = [np.asarray(v.numpy()) for v in optimizer.variables]
     _refuse_non_finite(optimizer.variables, values)
     state = dict(
@@ -360,7 +360,7 @@ def _read_state(path):
             state = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"Checkpoint file missing: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
     ok = (
         isinstance(state, dict)

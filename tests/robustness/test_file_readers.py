@@ -1,0 +1,101 @@
+"""File readers and writers: malformed files get a clear error naming the
+file and the field; a path that cannot be written names what blocks it."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_qlora
+from keras_qlora.adapters import config as adapter_config
+from keras_qlora.interop import peft_files
+from keras_qlora.training import checkpoint
+
+
+def _model():
+    model = keras.Sequential(
+        [keras.Input((16,)), keras.layers.Dense(8, name="query")]
+    )
+    model = keras_qlora.apply(model, rank=2, verbose=False)
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+DEEP = ("[" * 100_000 + "]" * 100_000).encode()
+
+
+@pytest.mark.parametrize(
+    "reader",
+    [
+        lambda: adapter_config.parse(DEEP, "cfg.json"),
+        lambda: peft_files.parse_config(DEEP, "adapter_config.json"),
+    ],
+    ids=["adapter-config", "peft-config"],
+)
+def test_deeply_nested_json_is_a_value_error(reader):
+    with pytest.raises(ValueError, match=r"\.json is not valid JSON"):
+        reader()
+
+
+def test_deeply_nested_checkpoint_state(tmp_path):
+    path = tmp_path / "trainer_state.json"
+    path.write_bytes(DEEP)
+    with pytest.raises(ValueError, match="trainer_state.json is not valid"):
+        checkpoint._read_state(str(path))
+
+
+def _peft_config(**fields):
+    config = {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["query"],
+    }
+    config.update(fields)
+    return json.dumps(config).encode()
+
+
+def test_peft_pattern_with_a_global_flag_names_the_fix():
+    data = _peft_config(rank_pattern={"(?i)query": 8})
+    with pytest.raises(
+        ValueError,
+        match=r"'rank_pattern' key '\(\?i\)query' is not a valid module "
+        r"pattern.*'\(\?i:query\)'",
+    ):
+        peft_files.parse_config(data, "adapter_config.json")
+    # The scoped form is accepted and matches case-insensitively.
+    config = peft_files.parse_config(
+        _peft_config(rank_pattern={"(?i:QUERY)": 8}), "adapter_config.json"
+    )
+    assert config.rank_and_alpha("layer.0.query")[0] == 8
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda m, p: keras_qlora.save_adapter(m, p),
+        lambda m, p: checkpoint.save_checkpoint(m, p, epoch=0),
+        lambda m, p: keras_qlora.export(m, p),
+    ],
+    ids=["save_adapter", "save_checkpoint", "export"],
+)
+def test_a_file_in_the_way_is_named(tmp_path, write):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    target = str(blocker / "out")
+    with pytest.raises(NotADirectoryError, match=f"{blocker} is a file"):
+        write(_model(), target)
+    assert blocker.read_text() == "x"
+    assert os.listdir(tmp_path) == ["not_a_dir"]
+
+
+def test_checkpoint_directory_that_is_a_file(tmp_path):
+    blocker = tmp_path / "run"
+    blocker.write_text("x")
+    model = _model()
+    x = np.zeros((4, 16), "float32")
+    callback = checkpoint.AdapterCheckpoint(str(blocker))
+    with pytest.raises(NotADirectoryError, match=f"{blocker} is a file"):
+        model.fit(x, x[:, :8], epochs=1, verbose=0, callbacks=[callback])
