@@ -269,10 +269,11 @@ def _is_nested(state_dict, prefix, meta, key):
         isinstance(offset, (int, float))
         and not isinstance(offset, bool)
         and math.isfinite(offset)
+        and abs(offset) <= float(np.finfo(np.float32).max)
     ):
         raise ValueError(
             f"from_bitsandbytes: field 'nested_offset' of '{key}' must be a "
-            f"finite number. Received: {offset!r}"
+            f"number finite in float32. Received: {offset!r}"
         )
     return True
 

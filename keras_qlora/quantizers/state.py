@@ -87,15 +87,27 @@ class NF4State:
             )
         if self.absmax_scale is None:
             _check_array("absmax", self.absmax, np.float32, (blocks,))
+            _check_finite("absmax", self.absmax)
         else:
             _check_array("absmax", self.absmax, np.uint8, (blocks,))
             nested = num_blocks(blocks, NESTED_BLOCK_SIZE)
             _check_array(
                 "absmax_scale", self.absmax_scale, np.float32, (nested,)
             )
-            object.__setattr__(
-                self, "absmax_offset", float(np.float32(self.absmax_offset))
-            )
+            _check_finite("absmax_scale", self.absmax_scale)
+            offset = self.absmax_offset
+            if isinstance(offset, bool) or not isinstance(
+                offset, (int, float, np.integer, np.floating)
+            ):
+                raise TypeError(
+                    "NF4State absmax_offset must be a number. Received: "
+                    f"absmax_offset={offset!r}"
+                )
+            # Checked after the cast to float32: 1e39 is finite in Python.
+            with np.errstate(over="ignore"):
+                offset = np.float32(offset)
+            _check_finite("absmax_offset", offset)
+            object.__setattr__(self, "absmax_offset", float(offset))
 
     @property
     def double_quant(self) -> bool:
@@ -176,6 +188,15 @@ def dequantize_absmax(
     table = codes.dynamic_map()
     per_block = np.repeat(scale, NESTED_BLOCK_SIZE)[: codes_u8.shape[0]]
     return (table[codes_u8] * per_block + np.float32(offset)).astype(np.float32)
+
+
+def _check_finite(name, value):
+    bad = int(np.size(value) - np.isfinite(value).sum())
+    if bad:
+        raise ValueError(
+            f"NF4State {name} holds {bad} NaN or Inf value(s) (as float32); "
+            "every block scale must be finite."
+        )
 
 
 def _describe(value) -> str:

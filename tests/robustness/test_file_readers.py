@@ -99,3 +99,66 @@ def test_checkpoint_directory_that_is_a_file(tmp_path):
     callback = checkpoint.AdapterCheckpoint(str(blocker))
     with pytest.raises(NotADirectoryError, match=f"{blocker} is a file"):
         model.fit(x, x[:, :8], epochs=1, verbose=0, callbacks=[callback])
+
+
+# -- NF4 state ----------------------------------------------------------------
+
+
+def _state(**changes):
+    from keras_qlora.quantizers import quantize_nf4
+
+    state = quantize_nf4(np.ones((8, 8), "float32"), 64)
+    fields = dict(
+        packed=state.packed,
+        absmax=state.absmax,
+        shape=state.shape,
+        block_size=state.block_size,
+        absmax_scale=state.absmax_scale,
+        absmax_offset=state.absmax_offset,
+    )
+    fields.update(changes)
+    return keras_qlora.NF4State(**fields)
+
+
+@pytest.mark.parametrize(
+    "changes, error, match",
+    [
+        ({"absmax_offset": float("nan")}, ValueError, "absmax_offset holds"),
+        ({"absmax_offset": 1e39}, ValueError, "absmax_offset holds"),
+        ({"absmax_offset": "0.1"}, TypeError, "absmax_offset must be a num"),
+        (
+            {"absmax_scale": np.array([np.inf], "float32")},
+            ValueError,
+            "absmax_scale holds 1 NaN or Inf",
+        ),
+        (
+            {
+                "absmax": np.array([np.nan], "float32"),
+                "absmax_scale": None,
+                "absmax_offset": None,
+            },
+            ValueError,
+            "absmax holds 1 NaN",
+        ),
+    ],
+)
+def test_non_finite_nf4_state_is_refused(changes, error, match):
+    with pytest.raises(error, match=match):
+        _state(**changes)
+
+
+def test_bitsandbytes_offset_beyond_float32(bnb):
+    import torch
+
+    from keras_qlora.interop import from_bitsandbytes
+    from keras_qlora.interop import to_bitsandbytes
+
+    state = _state()
+    sd = to_bitsandbytes(state)
+    key = next(k for k in sd if "quant_state" in k)
+    meta = json.loads(np.asarray(sd[key], np.uint8).tobytes())
+    meta["nested_offset"] = 1e39
+    raw = np.frombuffer(json.dumps(meta).encode(), np.uint8).copy()
+    sd[key] = torch.from_numpy(raw)
+    with pytest.raises(ValueError, match="finite in float32.*1e\\+39"):
+        from_bitsandbytes(sd)
