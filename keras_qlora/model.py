@@ -76,6 +76,26 @@ class QLoRAModel(QLoRAWrapper, keras.Model):
     def call(self, inputs, training=None):
         return self.base_model(inputs, training=training)
 
+    def __getattr__(self, name):
+        # Called only when normal lookup fails: public attributes of the
+        # wrapped model (`token_embedding`, `backbone`, `preprocessor`,
+        # `transformer_layers`, ...) read through, as PEFT's PeftModel
+        # does. Private names never forward, so Keras' own tracking and
+        # serialization see only the wrapper's state.
+        base = self.__dict__.get("base_model")
+        if name.startswith("_") or base is None:
+            raise AttributeError(
+                f"'{type(self).__name__}' object has no attribute '{name}'"
+            )
+        try:
+            return getattr(base, name)
+        except AttributeError:
+            raise AttributeError(
+                f"'{type(self).__name__}' object has no attribute '{name}', "
+                f"and neither has its base model '{base.name}' "
+                f"({type(base).__name__})."
+            ) from None
+
     def generate(self, *args, **kwargs):
         """Forwards to the base model's `generate` (keras_hub CausalLM and
         Seq2SeqLM tasks), which runs the QLoRA layers.
@@ -210,10 +230,7 @@ class QLoRAModel(QLoRAWrapper, keras.Model):
         # The base model is rebuilt with deferred variables: the float
         # kernels of the layers that become QLoRA layers again are never
         # allocated; the rest is initialized once the swap is done.
-        with deferred.deferred_variables():
-            base = keras.saving.deserialize_keras_object(
-                config["base_model"], custom_objects=custom_objects
-            )
+        base = _deserialize_deferred(config["base_model"], custom_objects)
         settings = QLoRASettings.from_dict(config["settings"])
         training = dict(config.get("training") or {})
         if isinstance(training.get("gradient_checkpointing"), list):
@@ -306,3 +323,27 @@ def _trim_after_first_call(function):
     call._keras_qlora_trims = True
     call.__wrapped__ = function
     return call
+
+
+def _deserialize_deferred(config, custom_objects):
+    """The base model from its config, its variables deferred.
+
+    A keras_hub task (`CausalLM`, `TextClassifier`, ...) compiles an
+    optimizer in its constructor, whose variables cannot be deferred: its
+    backbone is rebuilt deferred, then the task around it, as
+    `keras_qlora.from_preset` does.
+    """
+    inner = config.get("config") if isinstance(config, dict) else None
+    if isinstance(inner, dict) and isinstance(inner.get("backbone"), dict):
+        with deferred.deferred_variables():
+            backbone = keras.saving.deserialize_keras_object(
+                inner["backbone"], custom_objects=custom_objects
+            )
+        config = dict(config, config=dict(inner, backbone=backbone))
+        return keras.saving.deserialize_keras_object(
+            config, custom_objects=custom_objects
+        )
+    with deferred.deferred_variables():
+        return keras.saving.deserialize_keras_object(
+            config, custom_objects=custom_objects
+        )

@@ -229,3 +229,42 @@ def test_generate_is_forwarded_and_not_stale():
     assert not np.array_equal(after[0, 3:], before[0, 3:])
     with pytest.raises(AttributeError, match="has no generate"):
         keras_qlora.apply(_model(), verbose=False).generate(np.zeros((1, 24)))
+
+
+def test_public_attributes_read_through_to_the_wrapped_model(tmp_path):
+    lm = _tiny_causal_lm()
+    backbone = lm.backbone
+    q = keras_qlora.apply(lm, target_modules="all-linear", verbose=False)
+    # Code written against the keras_hub task keeps working after apply.
+    assert q.backbone is backbone
+    assert q.preprocessor is None
+    assert q.backbone.token_embedding is backbone.token_embedding
+    assert q.backbone.transformer_layers is backbone.transformer_layers
+    qb = keras_qlora.apply(
+        _tiny_causal_lm().backbone, target_modules="all-linear", verbose=False
+    )
+    assert qb.token_embedding is qb.base_model.token_embedding
+    assert len(qb.transformer_layers) == 1
+    # The wrapper's own attributes win; private names never forward.
+    assert q.name.startswith("qlora_")
+    with pytest.raises(AttributeError, match="_tracker_of_base"):
+        q._tracker_of_base
+    with pytest.raises(AttributeError, match="neither has its base model"):
+        q.no_such_attribute
+    # Keras' tracking and serialization are unchanged: the wrapper holds the
+    # base model's variables once, and a .keras round trip still works.
+    assert len(q.weights) == len(lm.weights)
+    for layer in q.qlora_layers(lora_only=True).values():
+        layer.lora_b.assign(np.full(layer.lora_b.shape, 0.1, "float32"))
+    batch = {
+        "token_ids": np.array([[5, 9, 3, 7]], "int32"),
+        "padding_mask": np.ones((1, 4), bool),
+    }
+    path = str(tmp_path / "lm.keras")
+    q.save(path)
+    # A saved task (its constructor compiles an optimizer) loads again.
+    loaded = keras.saving.load_model(path)
+    assert loaded.backbone.token_embedding.input_dim == 64
+    np.testing.assert_allclose(
+        np.asarray(loaded(batch)), np.asarray(q(batch)), rtol=1e-5, atol=1e-6
+    )
