@@ -48,8 +48,27 @@ def restore(model, settings, replaced, modules_to_save):
                 f"Layer '{item['path']}' was saved as a QLoRA layer but was "
                 f"rebuilt as {type(entry.layer).__name__}."
             )
+        else:
+            _check_same_settings(entry, settings.for_layer(item["lora"]))
     execute(plan, settings, quantize=False, verbose=False)
     freeze(model, list(modules_to_save))
+
+
+def _check_same_settings(entry, settings):
+    """One source of truth: a layer rebuilt from its own config must agree
+    with the model's settings (an edited config would otherwise compute
+    with one and report, or save adapters with, the other)."""
+    own = entry.layer.settings.layer_config()
+    want = settings.layer_config()
+    diffs = {k: (own[k], want[k]) for k in want if own[k] != want[k]}
+    if diffs:
+        shown = ", ".join(
+            f"{k}: layer {a!r}, model {b!r}" for k, (a, b) in diffs.items()
+        )
+        raise ValueError(
+            f"Layer '{entry.path}' of the saved model disagrees with the "
+            f"model's settings ({shown}); the file was edited or is corrupt."
+        )
 
 
 def execute(plan, settings, quantize, verbose, prebuilt=None):

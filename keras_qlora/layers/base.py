@@ -378,6 +378,20 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
 
     def load_own_variables(self, store):
         keys = set(store.keys())
+        first = self.__dict__.get("_load_error")
+        if first is not None and not keys:
+            # Keras retries a layer that failed to load under another path
+            # of the model, where the store is empty, and reports the last
+            # error: keep reporting the one that says what is wrong.
+            raise first
+        try:
+            self._load_checked(store, keys)
+        except ValueError as err:
+            self._load_error = err
+            raise
+        self._load_error = None
+
+    def _load_checked(self, store, keys):
         new = self._saved_adapters(keys) - set(self._extra_adapters)
         if new and self.rank is None:
             raise ValueError(
@@ -403,6 +417,12 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
                 raise ValueError(
                     f"Layer '{self.name}': saved '{name}' has shape "
                     f"{value.shape}, the layer expects {tuple(shape)}."
+                )
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise ValueError(
+                    f"Layer '{self.name}': saved '{name}' holds NaN or Inf "
+                    "values; the file is corrupt or was saved from a "
+                    "diverged run."
                 )
         names = (DEFAULT_ADAPTER,) + tuple(
             sorted(set(self._extra_adapters) | new)

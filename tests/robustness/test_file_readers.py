@@ -162,3 +162,66 @@ def test_bitsandbytes_offset_beyond_float32(bnb):
     sd[key] = torch.from_numpy(raw)
     with pytest.raises(ValueError, match="finite in float32.*1e\\+39"):
         from_bitsandbytes(sd)
+
+
+# -- .keras files -------------------------------------------------------------
+
+
+def _edit_keras_file(path, edit_config=None, edit_weights=None):
+    import shutil
+    import zipfile
+
+    import h5py
+
+    work = path + ".d"
+    with zipfile.ZipFile(path) as z:
+        z.extractall(work)
+    if edit_config:
+        with open(os.path.join(work, "config.json")) as f:
+            config = json.load(f)
+        edit_config(config)
+        with open(os.path.join(work, "config.json"), "w") as f:
+            json.dump(config, f)
+    if edit_weights:
+        with h5py.File(os.path.join(work, "model.weights.h5"), "r+") as f:
+            edit_weights(f)
+    os.remove(path)
+    with zipfile.ZipFile(path, "w") as z:
+        for name in os.listdir(work):
+            z.write(os.path.join(work, name), name)
+    shutil.rmtree(work)
+
+
+def _functional(tmp_path):
+    inp = keras.Input((16,))
+    out = keras.layers.Dense(8, name="query")(inp)
+    model = keras_qlora.apply(keras.Model(inp, out), rank=2, verbose=False)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    return path
+
+
+def test_edited_settings_in_a_keras_file_are_refused(tmp_path):
+    path = _functional(tmp_path)
+
+    def edit(config):
+        config["config"]["settings"]["alpha"] = 32.0
+
+    _edit_keras_file(path, edit_config=edit)
+    with pytest.raises(
+        ValueError, match=r"'query'.*lora_alpha: layer 16.0, model 32.0"
+    ):
+        keras.saving.load_model(path)
+
+
+def test_nan_weights_in_a_keras_file_are_refused(tmp_path):
+    path = _functional(tmp_path)
+
+    def edit(f):
+        # QLoRA layers store their variables by name (_variable_table).
+        key = "base_model/layers/q_lo_ra_dense/vars/lora_b"
+        f[key][...] = np.full(f[key].shape, np.nan, "float32")
+
+    _edit_keras_file(path, edit_weights=edit)
+    with pytest.raises(ValueError, match=r"'query': saved 'lora_b' holds NaN"):
+        keras.saving.load_model(path)
