@@ -70,6 +70,7 @@ class HostOffloadOptimizer(keras.optimizers.Optimizer):
                 f"string such as '/CPU:0'. Received: host_device="
                 f"{host_device!r}"
             )
+        _check_device(host_device)
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner
         self.host_device = host_device
@@ -179,6 +180,29 @@ class HostOffloadOptimizer(keras.optimizers.Optimizer):
             config.pop("inner_optimizer"), custom_objects=custom_objects
         )
         return cls(inner, **config)
+
+
+def _check_device(host_device):
+    """Refuses a device this machine does not have (TF would otherwise
+    place the state elsewhere without a word, with soft placement)."""
+    try:
+        spec = tf.DeviceSpec.from_string(host_device)
+    except ValueError as err:
+        raise ValueError(
+            f"HostOffloadOptimizer: host_device={host_device!r} is not a TF "
+            f"device string ({err}). Use e.g. '/CPU:0'."
+        ) from None
+    kind = (spec.device_type or "CPU").upper()
+    index = spec.device_index or 0
+    names = [
+        d.name for d in tf.config.list_logical_devices() if d.device_type == kind
+    ]
+    if index >= len(names):
+        have = [d.name for d in tf.config.list_logical_devices()]
+        raise ValueError(
+            f"HostOffloadOptimizer: host_device={host_device!r} does not "
+            f"exist on this machine. Its devices: {have}"
+        )
 
 
 def check_offloadable(optimizer):

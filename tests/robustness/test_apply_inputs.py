@@ -136,3 +136,19 @@ def test_apply_is_atomic(kind, error, match):
         keras_qlora.apply(
             model, rank=8, target_modules="all-linear", verbose=False
         )
+
+
+@pytest.mark.parametrize(
+    "device, match",
+    [
+        ("/GPU:7", r"'/GPU:7' does not exist on this machine"),
+        ("/CPU:3", r"'/CPU:3' does not exist"),
+        ("not a device", r"is not a TF device string"),
+    ],
+)
+def test_offload_to_a_missing_device_is_refused(device, match):
+    from keras_qlora.training import HostOffloadOptimizer
+
+    with pytest.raises(ValueError, match=match):
+        HostOffloadOptimizer(keras.optimizers.Adam(), host_device=device)
+    HostOffloadOptimizer(keras.optimizers.Adam(), host_device="/CPU:0")
