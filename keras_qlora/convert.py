@@ -8,6 +8,7 @@ model before its weights load).
 import ctypes
 import gc
 import platform
+import warnings
 
 import keras
 import numpy as np
@@ -81,6 +82,8 @@ def execute(plan, settings, quantize, verbose, prebuilt=None):
     """
     prebuilt = prebuilt or {}
     preflight(plan, settings, quantize, prebuilt)
+    if quantize:
+        _warn_dropped(plan)
     replaced = []
     progress = keras.utils.Progbar(len(plan)) if verbose and plan else None
     for i, (entry, with_lora) in enumerate(plan):
@@ -123,6 +126,24 @@ def preflight(plan, settings, quantize, prebuilt=None):
         cls = _converter(entry.layer)
         cls.check_source(
             entry.layer, settings.for_layer(with_lora), check_values=quantize
+        )
+
+
+def _warn_dropped(plan):
+    """Says once which float-layer settings the QLoRA layers drop."""
+    dropped = {
+        entry.path: names
+        for entry, _ in plan
+        if (names := _converter(entry.layer).dropped_from_source(entry.layer))
+    }
+    if dropped:
+        shown = "; ".join(f"{p}: {', '.join(n)}" for p, n in dropped.items())
+        warnings.warn(
+            "keras_qlora.apply() drops the kernel regularizers / constraints "
+            f"of {len(dropped)} layer(s), whose kernels are now frozen NF4 "
+            f"({shown}). Bias and activity regularizers are kept.",
+            UserWarning,
+            stacklevel=4,
         )
 
 

@@ -49,9 +49,17 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
             with the layer.
     """
 
-    def __init__(self, settings=None, **kwargs):
+    def __init__(
+        self,
+        settings=None,
+        bias_regularizer=None,
+        bias_constraint=None,
+        **kwargs,
+    ):
         given = {k: kwargs.pop(k) for k in LAYER_KEYS.values() if k in kwargs}
         super().__init__(**kwargs)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
         if settings is None:
             settings = QLoRASettings.from_layer_config(given, self.name)
         elif given or not isinstance(settings, QLoRASettings):
@@ -73,6 +81,41 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
             if self.lora_dropout > 0
             else None
         )
+
+    def _add_bias(self, shape):
+        bias = self.add_weight(
+            name="bias",
+            shape=shape,
+            initializer="zeros",
+            regularizer=self.bias_regularizer,
+            constraint=self.bias_constraint,
+            trainable=True,
+        )
+        # Created trainable (TF records gradients, e.g. through
+        # tf.recompute_grad, only for variables created trainable) and
+        # frozen by default; `apply(bias=...)` unfreezes it.
+        bias.trainable = False
+        return bias
+
+    @staticmethod
+    def _kept_from_source(layer):
+        """The float layer's regularizers and constraints that still apply
+        (its kernel's are dropped: see `dropped_from_source`)."""
+        return {
+            "bias_regularizer": layer.bias_regularizer,
+            "bias_constraint": layer.bias_constraint,
+            "activity_regularizer": layer.activity_regularizer,
+        }
+
+    @staticmethod
+    def dropped_from_source(layer) -> list:
+        """Names of the float layer's settings a QLoRA layer cannot keep:
+        a regularizer or constraint on the kernel, which is frozen NF4."""
+        return [
+            name
+            for name in ("kernel_regularizer", "kernel_constraint")
+            if getattr(layer, name, None) is not None
+        ]
 
     # The settings, by the names a layer's config uses.
     rank = property(lambda self: self.settings.rank)
@@ -440,6 +483,19 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(self.settings.layer_config())
+        config.update(
+            {
+                "bias_regularizer": keras.regularizers.serialize(
+                    self.bias_regularizer
+                ),
+                "bias_constraint": keras.constraints.serialize(
+                    self.bias_constraint
+                ),
+                "activity_regularizer": keras.regularizers.serialize(
+                    self.activity_regularizer
+                ),
+            }
+        )
         return config
 
     # -- private helpers ------------------------------------------------------

@@ -53,18 +53,7 @@ class QLoRADense(QLoRALayerBase):
                 f"Received: input_shape={input_shape}"
             )
         self._build_qlora(int(k), self.units)
-        self.bias = None
-        if self.use_bias:
-            self.bias = self.add_weight(
-                name="bias",
-                shape=(self.units,),
-                initializer="zeros",
-                trainable=True,
-            )
-            # Created trainable (TF records gradients, e.g. through
-            # tf.recompute_grad, only for variables created trainable) and
-            # frozen by default; `apply(bias=...)` unfreezes it.
-            self.bias.trainable = False
+        self.bias = self._add_bias((self.units,)) if self.use_bias else None
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: k})
 
     def call(self, inputs, training=None):
@@ -93,6 +82,7 @@ class QLoRADense(QLoRALayerBase):
             "units": layer.units,
             "activation": layer.activation,
             "use_bias": layer.use_bias,
+            **cls._kept_from_source(layer),
         }
 
     def _source_input_shape(self, layer):

@@ -56,16 +56,7 @@ class QLoRAEinsumDense(QLoRALayerBase):
         self._build_qlora(self.plan.k, self.plan.n)
         self.bias = None
         if self._bias_shape is not None:
-            self.bias = self.add_weight(
-                name="bias",
-                shape=self._bias_shape,
-                initializer="zeros",
-                trainable=True,
-            )
-            # Created trainable (TF records gradients, e.g. through
-            # tf.recompute_grad, only for variables created trainable) and
-            # frozen by default; `apply(bias=...)` unfreezes it.
-            self.bias.trainable = False
+            self.bias = self._add_bias(self._bias_shape)
 
     def call(self, inputs, training=None):
         x2d, batch_shape = self.plan.input_to_2d(inputs)  # (M, K)
@@ -97,6 +88,7 @@ class QLoRAEinsumDense(QLoRALayerBase):
             "kernel_shape": tuple(layer.kernel.shape),
             "activation": layer.activation,
             "bias_axes": layer.bias_axes,
+            **cls._kept_from_source(layer),
         }
 
     def _source_input_shape(self, layer):

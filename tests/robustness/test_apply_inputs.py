@@ -152,3 +152,50 @@ def test_offload_to_a_missing_device_is_refused(device, match):
     with pytest.raises(ValueError, match=match):
         HostOffloadOptimizer(keras.optimizers.Adam(), host_device=device)
     HostOffloadOptimizer(keras.optimizers.Adam(), host_device="/CPU:0")
+
+
+def test_regularizers_kept_or_dropped_with_a_warning(tmp_path):
+    def float_model():
+        return keras.Sequential(
+            [
+                keras.Input((8,)),
+                keras.layers.Dense(
+                    6,
+                    name="query",
+                    activity_regularizer="l2",
+                    bias_regularizer="l1",
+                    kernel_regularizer="l2",
+                    kernel_constraint="non_neg",
+                ),
+                keras.layers.EinsumDense(
+                    "ab,bc->ac",
+                    (6, 4),
+                    bias_axes="c",
+                    name="value",
+                    activity_regularizer="l1",
+                ),
+            ]
+        )
+
+    x = np.ones((2, 8), "float32")
+    with pytest.warns(
+        UserWarning,
+        match=r"drops .* of 1 layer\(s\).*query: kernel_regularizer, "
+        r"kernel_constraint",
+    ):
+        q = keras_qlora.apply(
+            float_model(),
+            rank=2,
+            target_modules=["query", "value"],
+            bias="all",
+            verbose=False,
+        )
+    q(x)
+    # Two activity regularizers and the (now trainable) bias regularizer.
+    assert len(q.losses) == 3
+    path = str(tmp_path / "m.keras")
+    q.save(path)
+    loaded = keras.saving.load_model(path)
+    query = loaded.qlora_layers()["query"]
+    assert query.activity_regularizer is not None
+    assert query.bias_regularizer is not None
