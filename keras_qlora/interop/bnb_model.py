@@ -13,6 +13,7 @@ from our query/key/value layers (see `fused_state`); a join that cannot
 keep double quantization writes float32 block scales instead (still exact).
 """
 
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -23,6 +24,8 @@ from keras_qlora.interop import names
 from keras_qlora.interop.bitsandbytes import from_bitsandbytes
 from keras_qlora.interop.bitsandbytes import tensor_to_numpy
 from keras_qlora.interop.bitsandbytes import to_bitsandbytes
+from keras_qlora.quantizers import NF4State
+from keras_qlora.quantizers import double_quantize_absmax
 
 # Marks the metadata entry of a bitsandbytes 4-bit weight.
 _QUANT_STATE = ".quant_state.bitsandbytes__"
@@ -113,9 +116,14 @@ def from_bitsandbytes_model(
 
     Args:
         model: a `QLoRAModel` whose QLoRA layers are the modules to load,
-            with the file's block size (and double quantization, unless
-            the model has `double_quant=False`: then double-quantized block
-            scales are expanded to float32, exactly).
+            with the file's block size. Double quantization may differ:
+            for a layer with `double_quant=False`, double-quantized block
+            scales are expanded to float32 (exactly); for a layer with
+            `double_quant=True`, float32 block scales (as bitsandbytes
+            writes without `compress_statistics`, and as
+            `to_bitsandbytes_model` writes a joined GPT-2 `c_attn`) are
+            double quantized, which changes them slightly: a `UserWarning`
+            gives the largest relative change.
         state_dict: `{key: numpy array or torch tensor}` as written by
             `to_bitsandbytes_model` or saved by bitsandbytes.
         naming: as in `to_bitsandbytes_model`.
@@ -171,7 +179,8 @@ def from_bitsandbytes_model(
     for module in modules.values():
         assignments += _read_module(state_dict, root, module, layers)
     _check_unused(state_dict, root, modules, layers, strict, caller)
-    for layer, state, bias in assignments:
+    _warn_requantized(assignments, caller)
+    for layer, state, _, bias in assignments:
         layer.set_nf4_state(state)
         if bias is not None:
             layer.bias.assign(bias)
@@ -179,7 +188,8 @@ def from_bitsandbytes_model(
 
 
 def _read_module(state_dict, root, module, layers):
-    """Reads one module; returns `[(layer, NF4State, bias or None)]`."""
+    """Reads one module; returns `[(layer, NF4State, (path, scale error)
+    or None, bias or None)]`."""
     what = root + module.name
     key = f"{what}.weight"
     state = from_bitsandbytes(state_dict, prefix=key)
@@ -210,7 +220,7 @@ def _read_module(state_dict, root, module, layers):
             )
         ]
     return [
-        (layer, _fit(layer, s, path, key), bias)
+        (layer, *_fit(layer, s, path, key), bias)
         for layer, s, path, bias in zip(
             pieces, states, paths, biases, strict=True
         )
@@ -218,7 +228,9 @@ def _read_module(state_dict, root, module, layers):
 
 
 def _fit(layer, state, path, key):
-    """Checks a state against the layer; expands scales when needed."""
+    """Checks a state against the layer; expands or double-quantizes its
+    block scales to the layer's storage. Returns `(state, note)`, `note`
+    being `(path, largest relative scale change)` when it requantized."""
     k, n = layer.kernel_2d_shape
     if state.shape != (k, n):
         got = [state.shape[1], state.shape[0]]
@@ -233,13 +245,40 @@ def _fit(layer, state, path, key):
             f"block_size={state.block_size}."
         )
     if layer.double_quant and not state.double_quant:
-        raise ValueError(
-            f"'{key}' is not double quantized but layer '{path}' is. "
-            "apply() the model with double_quant=False."
-        )
+        return _double_quantized(state, path)
     if not layer.double_quant:
         state = fused_state.expand_scales(state)
-    return state
+    return state, None
+
+
+def _double_quantized(state, path):
+    """`state` with its float32 block scales double quantized."""
+    codes, scale, offset = double_quantize_absmax(state.absmax)
+    new = NF4State(
+        packed=state.packed,
+        absmax=codes,
+        shape=state.shape,
+        block_size=state.block_size,
+        absmax_scale=scale,
+        absmax_offset=offset,
+    )
+    change = np.abs(new.block_absmax() - state.absmax).max()
+    return new, (path, float(change / max(np.abs(state.absmax).max(), 1e-30)))
+
+
+def _warn_requantized(assignments, caller):
+    notes = [note for _, _, note, _ in assignments if note is not None]
+    if notes:
+        path, worst = max(notes, key=lambda n: n[1])
+        warnings.warn(
+            f"{caller}(): {len(notes)} weight(s) had float32 block scales "
+            "and were double quantized to fit the model's double_quant=True "
+            "layers (the 4-bit codes are unchanged; each block scale moved "
+            f"by at most {worst:.2e} of the largest, at layer '{path}'). "
+            "apply() with double_quant=False keeps them exact.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _bias(state_dict, key, size):

@@ -330,7 +330,7 @@ def test_from_bitsandbytes_rejects_bad_meta_fields():
         from_bitsandbytes(with_meta(good_state_dict(), shape=_DROP))
     with pytest.raises(ValueError, match=r"'nested_blocksize'.*\(256,\)"):
         from_bitsandbytes(with_meta(good_state_dict(), nested_blocksize=128))
-    with pytest.raises(ValueError, match="'nested_offset'.*finite number"):
+    with pytest.raises(ValueError, match="'nested_offset'.*finite in float32"):
         from_bitsandbytes(with_meta(good_state_dict(), nested_offset="x"))
     sd = good_state_dict()
     sd["weight.quant_state.bitsandbytes__nf4"] = np.array([1, 2], np.uint8)
