@@ -93,8 +93,7 @@ def load_peft_adapter(
     name = check_adapter_name(name)
     modules = hf_modules.group(layers, naming, caller)
     directory = os.path.abspath(os.fspath(path))
-    config, tensors = _read(directory)
-    pairs = _pairs(tensors, directory)
+    config, pairs = read_adapter(directory)
     root = hf_modules.pick_root(
         naming,
         module_prefix,
@@ -200,6 +199,19 @@ def save_peft_adapter(
 
 
 # -- loading ------------------------------------------------------------------
+
+
+def read_adapter(directory) -> tuple:
+    """Reads and checks a PEFT adapter directory.
+
+    Returns:
+        `(PeftConfig, {module: {"A": array, "B": array}})`.
+
+    Raises:
+        FileNotFoundError / ValueError: as `load_peft_adapter`.
+    """
+    config, tensors = _read(directory)
+    return config, _pairs(tensors, directory)
 
 
 def _read(directory):
