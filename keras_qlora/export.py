@@ -153,6 +153,9 @@ def load_saved_model(path):
         The loaded TensorFlow object.
 
     Raises:
+        FileNotFoundError: no `saved_model.pb` in `path`.
+        ValueError: a truncated or corrupt SavedModel (the message names
+            the path and what TensorFlow said).
         RuntimeError: not on the TensorFlow backend, or the SavedModel needs
             the fused op and its library could not be loaded in this
             process (the message says why).
@@ -171,6 +174,11 @@ def load_saved_model(path):
             "load_saved_model needs the TensorFlow backend "
             "(KERAS_BACKEND=tensorflow)."
         )
+    pb = os.path.join(os.fspath(path), _SAVED_MODEL_PB)
+    if not os.path.isfile(pb):
+        raise FileNotFoundError(
+            f"No SavedModel at {path}: {_SAVED_MODEL_PB} is missing."
+        )
     # Portable graphs need no library: do not build it for them.
     if custom_op_types(path):
         qops.fused_library()
@@ -185,7 +193,10 @@ def load_saved_model(path):
                 "`python -m keras_qlora.ops --build` to see why, or export "
                 "it with keras_qlora.export(model, path, portable=True)."
             ) from err
-        raise
+        raise ValueError(
+            f"Could not load the SavedModel at {path}; it may be truncated "
+            f"or corrupt. TensorFlow said: {type(err).__name__}: {err}"
+        ) from err
 
 
 def custom_op_types(path) -> list:
@@ -208,7 +219,14 @@ def custom_op_types(path) -> list:
         return []
     saved = saved_model_pb2.SavedModel()
     with open(pb, "rb") as f:
-        saved.ParseFromString(f.read())
+        data = f.read()
+    try:
+        saved.ParseFromString(data)
+    except Exception as err:  # protobuf's DecodeError, by implementation
+        raise ValueError(
+            f"{pb} is not a readable SavedModel ({len(data)} bytes; "
+            f"{type(err).__name__}: {err}); it may be truncated or corrupt."
+        ) from None
     found = set()
     for graph in saved.meta_graphs:
         nodes = list(graph.graph_def.node)

@@ -225,3 +225,48 @@ def test_nan_weights_in_a_keras_file_are_refused(tmp_path):
     _edit_keras_file(path, edit_weights=edit)
     with pytest.raises(ValueError, match=r"'query': saved 'lora_b' holds NaN"):
         keras.saving.load_model(path)
+
+
+# -- SavedModel -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("sm") / "saved")
+    keras_qlora.export(_model(), path, portable=True, verbose=False)
+    return path
+
+
+def _copy(src, tmp_path):
+    import shutil
+
+    dst = str(tmp_path / "copy")
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_saved_model_missing_pb(tmp_path):
+    with pytest.raises(FileNotFoundError, match="saved_model.pb is missing"):
+        keras_qlora.load_saved_model(str(tmp_path))
+
+
+def test_saved_model_truncated_pb(tmp_path, saved_model):
+    path = _copy(saved_model, tmp_path)
+    pb = os.path.join(path, "saved_model.pb")
+    with open(pb, "rb") as f:
+        data = f.read()
+    with open(pb, "wb") as f:
+        f.write(data[: len(data) // 3])
+    with pytest.raises(ValueError, match=r"saved_model.pb is not a readable"):
+        keras_qlora.load_saved_model(path)
+
+
+def test_saved_model_truncated_variables(tmp_path, saved_model):
+    path = _copy(saved_model, tmp_path)
+    folder = os.path.join(path, "variables")
+    for name in os.listdir(folder):
+        if "data" in name:
+            with open(os.path.join(folder, name), "r+b") as f:
+                f.truncate(10)
+    with pytest.raises(ValueError, match=f"SavedModel at {path}.*TensorFlow"):
+        keras_qlora.load_saved_model(path)
