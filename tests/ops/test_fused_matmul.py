@@ -6,7 +6,7 @@ set is chosen once per process from KERAS_QLORA_CPU_ISA, so the scalar and
 AVX2 kernels (and the crash-safety fuzz) run this file as a worker script in
 subprocesses: `python tests/ops/test_fused_matmul.py cases|fuzz`.
 
-The op library comes from `keras_qlora.ops._library.load()`; when it cannot
+The op library comes from `keras_qlora.ops.loader.load()`; when it cannot
 be built the tests fail, unless KERAS_QLORA_PURE_TF=1 (then they skip).
 """
 
@@ -74,13 +74,13 @@ def lib():
 
 
 def load_library():
-    from keras_qlora.ops import _library
+    from keras_qlora.ops import loader
 
-    module = _library.load()
+    module = loader.load()
     if module is None:
         if os.environ.get("KERAS_QLORA_PURE_TF") == "1":
             pytest.skip("KERAS_QLORA_PURE_TF=1: the fused op is not loaded")
-        pytest.fail(f"the fused op library did not load: {_library.status()}")
+        pytest.fail(f"the fused op library did not load: {loader.status()}")
     return module
 
 
