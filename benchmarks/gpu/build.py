@@ -1,7 +1,7 @@
 """Builds the CUDA NF4 C ABI library (and the CPU emulator) for the harness.
 
 Runs where there is nvcc but maybe no TensorFlow or Keras (the GPU machine):
-it loads keras_qlora/ops/_library.py by path (that module imports only the
+it loads keras_qlora/ops/build.py by path (that module imports only the
 standard library at top level), so the nvcc flags, architectures and link
 line are exactly the op library's. The emulator (custom_ops/cuda/host/) is
 built with g++ when one is found.
@@ -30,9 +30,9 @@ CUDA_DIR = REPO / "custom_ops" / "cuda"
 
 
 def load_library_module():
-    """keras_qlora/ops/_library.py as a standalone module (no package)."""
-    path = REPO / "keras_qlora" / "ops" / "_library.py"
-    spec = importlib.util.spec_from_file_location("_kq_library", path)
+    """keras_qlora/ops/build.py as a standalone module (no package)."""
+    path = REPO / "keras_qlora" / "ops" / "build.py"
+    spec = importlib.util.spec_from_file_location("_kq_build", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -89,6 +89,28 @@ def source_dir() -> pathlib.Path:
     )
 
 
+def copy_sources(source: pathlib.Path, target: pathlib.Path) -> list:
+    """Copies the op's sources to `target` (a wheel's `_custom_ops`).
+
+    Everything but `testing/` (the CPU stand-ins for CUDA): a wheel carries
+    what the library is built from, and nothing else.
+
+    Returns:
+        The copied files, relative to `target`, sorted.
+    """
+    source, target = pathlib.Path(source), pathlib.Path(target)
+    shutil.rmtree(target, ignore_errors=True)
+
+    def ignore(folder, names):
+        at_root = pathlib.Path(folder).resolve() == source.resolve()
+        return [n for n in names if at_root and n == TESTING_DIR]
+
+    shutil.copytree(source, target, ignore=ignore)
+    return sorted(
+        str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()
+    )
+
+
 def source_files() -> list:
     """The TensorFlow op sources (.cc with TF headers), not the CUDA ones."""
     root = source_dir()
