@@ -1,6 +1,6 @@
 """The CUDA kernels' own source on the CPU, under a sanitizer. No GPU.
 
-Builds the simulator (custom_ops/cuda/sim/: the .cu kernels compiled by g++
+Builds the simulator (custom_ops/testing/cuda_sim/: the .cu kernels compiled by g++
 against a host stand-in for CUDA) with every CUDA thread as an OS thread and
 `-fsanitize=thread` or `-fsanitize=address`, then runs a few harness cases
 that cover every kernel (GEMV forward / transposed with split-K, the
