@@ -90,8 +90,8 @@ def _compile(cmd, out: pathlib.Path, what: str) -> pathlib.Path:
 
 def simulator_command(sanitizer=None, cuda_dir=CUDA_DIR) -> list:
     """g++ arguments (without -o) that compile the kernels' own .cu sources
-    and the CUDA stand-in (custom_ops/testing/cuda_sim/) into a host library with the
-    C ABI of nf4_cuda.h. `sanitizer`: None, "thread" or "address";
+    and the CUDA stand-in (custom_ops/testing/cuda_sim/) into a host library
+    with the C ABI of nf4_cuda.h. `sanitizer`: None, "thread" or "address";
     `cuda_dir`: a copy of custom_ops/cuda (tests build altered kernels),
     next to its include/ and testing/ folders."""
     cuda_dir = pathlib.Path(cuda_dir)

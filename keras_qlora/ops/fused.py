@@ -1,9 +1,10 @@
 """The op wrapper: the single entry point for every 4-bit matmul.
 
-Layers call `nf4_matmul(x, weight)` with the weight as one `NF4Tensors`; nothing else multiplies by an NF4 weight. On
-TensorFlow it runs the fused C++ op `KerasQLoRA>NF4Matmul` (custom_ops/),
-which never materializes the float weight; its input gradient is the same op
-with `transpose=True`, registered below at import. When the op library
+Layers call `nf4_matmul(x, weight)`, the weight as one `NF4Tensors`; nothing
+else multiplies by an NF4 weight. On TensorFlow it runs the fused C++ op
+`KerasQLoRA>NF4Matmul` (custom_ops/), which never materializes the float
+weight; its input gradient is the same op with `transpose=True`, registered
+below at import. When the op library
 cannot be built or loaded, or `KERAS_QLORA_PURE_TF=1`, it runs the pure
 `keras.ops` reference (dequantize, then matmul) and warns once. Inside
 `with reference_path():` it runs the reference without warning, whatever

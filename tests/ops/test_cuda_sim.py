@@ -97,8 +97,9 @@ def test_harness_correctness_passes_on_the_simulated_kernels(tmp_path):
     assert "CORRECTNESS VERDICT: PASS" in out, out[-3000:]
     cases = int(re.search(r"== correctness: (\d+) cases", out).group(1))
     assert cases >= 100, out[-3000:]
-    # The emulator (custom_ops/testing/cuda_emulator/) is a separate implementation of
-    # the same arithmetic: it must equal the real kernel code bit for bit.
+    # The emulator (custom_ops/testing/cuda_emulator/) is a separate
+    # implementation of the same arithmetic: it must equal the real kernel
+    # code bit for bit.
     exact, compared = map(
         int,
         re.search(r"bit-exact \(gemv/reference\): (\d+)/(\d+)", out).groups(),
