@@ -1,7 +1,7 @@
 // Index and arithmetic helpers of the CUDA NF4 kernels that are plain C++:
 // compiled for the device by nvcc and for the host by g++ (the CPU emulator,
-// testing/cuda_emulator/nf4_cuda_emulator.cc, runs the kernels' tile algorithm through these
-// same functions). No CUDA headers.
+// testing/cuda_emulator/nf4_cuda_emulator.cc, runs the kernels' tile
+// algorithm through these same functions). No CUDA headers.
 //
 // Conventions: W^T is [N, K] row-major in nibbles (see nf4_cuda.h); a
 // "unit" is 16 consecutive codes of one W^T row (8 bytes, one quantization
