@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_qlora.ops import NF4Tensors
 from keras_qlora.ops.reference import nf4_matmul_reference
 from keras_qlora.quantizers import dequantize_nf4
 from keras_qlora.quantizers import quantize_nf4
@@ -157,13 +158,7 @@ def test_matches_pure_reference(lib, transpose, m):
     )
     y = run_op(lib, x, state, transpose)
     expected = nf4_matmul_reference(
-        x,
-        *op_args(state)[:2],
-        state.absmax_scale,
-        state.absmax_offset,
-        state.shape,
-        state.block_size,
-        transpose=transpose,
+        x, NF4Tensors.from_state(state), transpose=transpose
     )
     np.testing.assert_allclose(
         y.numpy(), expected.numpy(), rtol=1e-5, atol=1e-4
