@@ -1,18 +1,19 @@
 """Build script; metadata lives in setup.cfg.
 
 `build_py` also ships the C++ / CUDA sources of the fused op inside the
-package (`keras_qlora/_custom_ops`) and, when TensorFlow is importable in the
-build environment (e.g. `pip install --no-build-isolation .`), compiles the
-op library into the package: with its CUDA kernels when nvcc is found (set
-KERAS_QLORA_CUDA=0 to skip them, KERAS_QLORA_CUDA_ARCHS to choose the GPU
-architectures), CPU kernels only otherwise. Otherwise, or when it is built
+package (`keras_qlora/_custom_ops`; without `custom_ops/testing/`, the CPU
+stand-ins for CUDA that only the tests and the GPU harness build) and, when
+TensorFlow is importable in the build environment (e.g. `pip install
+--no-build-isolation .`), compiles the op library into the package: with
+its CUDA kernels when nvcc is found (set KERAS_QLORA_CUDA=0 to skip them,
+KERAS_QLORA_CUDA_ARCHS to choose the GPU architectures), CPU kernels only
+otherwise. Otherwise, or when it is built
 for another TensorFlow or toolchain, the library is compiled on first use
-into a cache (see keras_qlora/ops/_library.py).
+into a cache (see keras_qlora/ops/build.py).
 """
 
 import importlib.util
 import pathlib
-import shutil
 import sys
 
 import setuptools
@@ -27,17 +28,17 @@ class BuildPyWithOps(build_py):
         if self.editable_mode:
             return  # the source tree is used in place
         package = pathlib.Path(self.build_lib) / "keras_qlora"
-        target = package / "_custom_ops"
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(ROOT / "custom_ops", target)
+        # ops/build.py imports only the standard library: load it by path,
+        # without the package (and Keras) around it.
+        spec = importlib.util.spec_from_file_location(
+            "_kq_build", package / "ops" / "build.py")
+        library = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(library)
+        library.copy_sources(ROOT / "custom_ops", package / "_custom_ops")
         if importlib.util.find_spec("tensorflow") is None:
             print("keras_qlora: TensorFlow not importable at build time; the "
                   "fused op will be compiled on first use.", file=sys.stderr)
             return
-        spec = importlib.util.spec_from_file_location(
-            "_kq_library", package / "ops" / "_library.py")
-        library = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(library)
         try:
             path = library.write_prebuilt(package / "ops")
             print(f"keras_qlora: built {path} (CUDA kernels: "

@@ -23,7 +23,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_qlora.ops import _library  # noqa: E402
+from keras_qlora.ops import NF4Tensors  # noqa: E402
+from keras_qlora.ops import loader  # noqa: E402
 from keras_qlora.ops.reference import nf4_matmul_reference  # noqa: E402
 from keras_qlora.quantizers import quantize_nf4  # noqa: E402
 
@@ -56,6 +57,7 @@ def build_paths(lib, k, n):
     absmax = tf.constant(state.absmax)
     scale = tf.constant(state.absmax_scale)
     offset = tf.constant(np.float32(state.absmax_offset))
+    weight = NF4Tensors(packed, absmax, scale, state.absmax_offset, (k, n), 64)
     w32 = tf.constant(kernel)
     dense = keras.layers.Dense(n, use_bias=False)
     dense.build((None, k))
@@ -71,9 +73,7 @@ def build_paths(lib, k, n):
         )
 
     def pure(x):
-        return nf4_matmul_reference(
-            x, packed, absmax, scale, state.absmax_offset, (k, n), 64
-        )
+        return nf4_matmul_reference(x, weight)
 
     def with_dx(forward):
         def run(x, dy):
@@ -108,9 +108,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller run")
     args = parser.parse_args()
-    lib = _library.load()
+    lib = loader.load()
     if lib is None:
-        raise SystemExit(f"fused op not available: {_library.status()}")
+        raise SystemExit(f"fused op not available: {loader.status()}")
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     rows = QUICK_ROWS if args.quick else FULL_ROWS
     budget = 1.0 if args.quick else 3.0

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from keras_qlora.ops import _library
+from keras_qlora.ops import loader
 from keras_qlora.ops.quantize import quantize_nf4_fused
 from keras_qlora.quantizers import quantize_nf4
 
@@ -52,9 +52,9 @@ def main():
         "--skip-numpy", action="store_true", help="time the fused path only"
     )
     args = parser.parse_args()
-    if _library.load() is None:
+    if loader.load() is None:
         raise SystemExit(
-            f"op library not available: {_library.status()['reason']}"
+            f"op library not available: {loader.status()['reason']}"
         )
     print(
         f"CPU cores: {os.cpu_count()}, TF intra-op threads: "

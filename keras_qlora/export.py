@@ -186,7 +186,7 @@ def load_saved_model(path):
         return tf.saved_model.load(str(path))
     except Exception as err:
         if _NOT_REGISTERED in str(err) and qops.OP_TYPE in str(err):
-            reason = qops._library.status()["reason"]
+            reason = qops.library_status()["reason"]
             raise RuntimeError(
                 f"The SavedModel at {path} uses the fused op {qops.OP_TYPE}, "
                 f"but its library could not be loaded here ({reason}). Run "

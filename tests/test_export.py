@@ -361,11 +361,9 @@ def test_reference_path_is_scoped_to_the_block_and_the_thread():
 
     _require_fused()
     state = quantize_nf4(np.ones((8, 4), "float32"))
-    args = (state.packed, state.absmax, state.absmax_scale)
-    args += (np.float32(state.absmax_offset), state.shape, state.block_size)
 
     def op_types():
-        fn = tf.function(lambda x: qops.nf4_matmul(x, *args))
+        fn = tf.function(lambda x: qops.nf4_matmul(x, state))
         graph = fn.get_concrete_function(tf.TensorSpec((None, 8))).graph
         return {op.type for op in graph.get_operations()}
 

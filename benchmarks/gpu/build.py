@@ -1,10 +1,10 @@
 """Builds the CUDA NF4 C ABI library (and the CPU emulator) for the harness.
 
 Runs where there is nvcc but maybe no TensorFlow or Keras (the GPU machine):
-it loads keras_qlora/ops/_library.py by path (that module imports only the
+it loads keras_qlora/ops/build.py by path (that module imports only the
 standard library at top level), so the nvcc flags, architectures and link
-line are exactly the op library's. The emulator (custom_ops/cuda/host/) is
-built with g++ when one is found.
+line are exactly the op library's. The emulator
+(custom_ops/testing/cuda_emulator/) is built with g++ when one is found.
 
 Usage:
     python benchmarks/gpu/build.py [--archs 90] [--out build/gpu]
@@ -27,12 +27,16 @@ ABI_NAME = "libkq_nf4_cuda.so"
 EMULATOR_NAME = "libkq_nf4_emulator.so"
 SIMULATOR_NAME = "libkq_nf4_sim.so"
 CUDA_DIR = REPO / "custom_ops" / "cuda"
+# The CPU stand-ins for CUDA, relative to a custom_ops/ folder (not shipped
+# in wheels; see keras_qlora/ops/build.py).
+EMULATOR_DIR = pathlib.Path("testing", "cuda_emulator")
+SIM_DIR = pathlib.Path("testing", "cuda_sim")
 
 
 def load_library_module():
-    """keras_qlora/ops/_library.py as a standalone module (no package)."""
-    path = REPO / "keras_qlora" / "ops" / "_library.py"
-    spec = importlib.util.spec_from_file_location("_kq_library", path)
+    """keras_qlora/ops/build.py as a standalone module (no package)."""
+    path = REPO / "keras_qlora" / "ops" / "build.py"
+    spec = importlib.util.spec_from_file_location("_kq_build", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -48,7 +52,7 @@ def build_emulator(out_dir: pathlib.Path):
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         return None
-    sources = sorted((REPO / "custom_ops" / "cuda" / "host").glob("*.cc"))
+    sources = sorted((REPO / "custom_ops" / EMULATOR_DIR).glob("*.cc"))
     out = out_dir / EMULATOR_NAME
     tmp = out.with_suffix(".tmp.so")
     cmd = [
@@ -86,10 +90,12 @@ def _compile(cmd, out: pathlib.Path, what: str) -> pathlib.Path:
 
 def simulator_command(sanitizer=None, cuda_dir=CUDA_DIR) -> list:
     """g++ arguments (without -o) that compile the kernels' own .cu sources
-    and the CUDA stand-in (custom_ops/cuda/sim/) into a host library with the
-    C ABI of nf4_cuda.h. `sanitizer`: None, "thread" or "address";
-    `cuda_dir`: a copy of custom_ops/cuda (tests build altered kernels)."""
+    and the CUDA stand-in (custom_ops/testing/cuda_sim/) into a host library
+    with the C ABI of nf4_cuda.h. `sanitizer`: None, "thread" or "address";
+    `cuda_dir`: a copy of custom_ops/cuda (tests build altered kernels),
+    next to its include/ and testing/ folders."""
     cuda_dir = pathlib.Path(cuda_dir)
+    sim_dir = cuda_dir.parent / SIM_DIR
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise RuntimeError(
@@ -108,6 +114,7 @@ def simulator_command(sanitizer=None, cuda_dir=CUDA_DIR) -> list:
         "-Werror",
         "-Wno-unknown-pragmas",
         f"-I{cuda_dir}",
+        f"-I{sim_dir}",  # cuda_sim.h, in place of the CUDA headers
     ]
     if sanitizer:  # OS threads, whose ordering the sanitizers see
         cmd += [
@@ -116,7 +123,7 @@ def simulator_command(sanitizer=None, cuda_dir=CUDA_DIR) -> list:
             "-DKQ_SIM_THREADS",
         ]
     kernels = sorted(cuda_dir.glob("*.cu"))
-    runtime = sorted((cuda_dir / "sim").glob("*.cc"))
+    runtime = sorted(sim_dir.glob("*.cc"))
     return [
         *cmd,
         "-x",

@@ -70,7 +70,7 @@ EMULATE_MAX_MACS = 4e6
 SMALL_MACS = 2e6
 SIMULATE_MACS = 3e5  # the simulator runs each CUDA thread as an OS thread
 # "cuda", or "cpu" with --simulate: the kernels' own source compiled for the
-# host (custom_ops/cuda/sim/), driven through the same C ABI.
+# host (custom_ops/testing/cuda_sim/), driven through the same C ABI.
 DEVICE = "cuda"
 
 
@@ -477,7 +477,7 @@ def main(argv=None) -> int:
         "--simulate",
         action="store_true",
         help="no GPU needed: the correctness part on the kernels' CPU "
-        "simulator (custom_ops/cuda/sim/), small cases only",
+        "simulator (custom_ops/testing/cuda_sim/), small cases only",
     )
     parser.add_argument("--lib", help="a prebuilt libkq_nf4_cuda.so")
     parser.add_argument("--emulator", help="a prebuilt emulator library")

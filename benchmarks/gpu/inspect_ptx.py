@@ -1,7 +1,7 @@
 """Compile-only inspection of the CUDA NF4 kernels (no GPU needed).
 
 Compiles custom_ops/cuda/*.cu exactly as the op library does (nvcc path,
-flags and -gencode targets come from keras_qlora/ops/_library.py, loaded by
+flags and -gencode targets come from keras_qlora/ops/build.py, loaded by
 path through build.py, so no TensorFlow is needed), adding
 `--resource-usage --keep`. For each kernel instantiation and sm_XX this
 gives:
@@ -76,7 +76,7 @@ _NO_DEST = ("st.", "red.", "bar", "bra", "ret", "exit", "membar", "fence")
 
 @functools.cache
 def library_module():
-    """keras_qlora/ops/_library.py, loaded by path by build.py's helper."""
+    """keras_qlora/ops/build.py, loaded by path by build.py's helper."""
     path = HERE / "build.py"
     spec = importlib.util.spec_from_file_location("_kq_gpu_build", path)
     build = importlib.util.module_from_spec(spec)
@@ -92,7 +92,7 @@ def cuda_config(archs=None) -> dict:
             DEFAULT_CUDA_ARCHS ("80;90"), whatever GPU this machine has.
 
     Returns:
-        `_library.cuda_config()`'s dict: `enabled`, `reason`, and when
+        `build.cuda_config()`'s dict: `enabled`, `reason`, and when
         enabled `nvcc`, `version` and `archs`.
     """
     library = library_module()
@@ -104,7 +104,7 @@ def cuda_config(archs=None) -> dict:
 def nvcc_command(config: dict, source, keep_dir, output) -> list:
     """The op library's nvcc command for `source`, with resource usage.
 
-    Same flags and -gencode targets as `_library._start_cuda_compiles`,
+    Same flags and -gencode targets as `build._start_cuda_compiles`,
     plus `--resource-usage --keep --keep-dir keep_dir`.
     """
     library = library_module()

@@ -215,7 +215,7 @@ def to_device(state, device="cuda") -> dict:
 
 
 class Emulator:
-    """The CPU emulator (custom_ops/cuda/host/); arrays are numpy."""
+    """The CPU emulator (custom_ops/testing/cuda_emulator/); numpy arrays."""
 
     def __init__(self, path):
         self.lib = ctypes.CDLL(str(path))

@@ -3,7 +3,7 @@
 // never synchronizes.
 
 #if defined(KQ_CUDA_SIM)
-#include "sim/cuda_sim.h"
+#include "cuda_sim.h"  // testing/cuda_sim/, on the include path
 #else
 #include <cuda_runtime.h>
 #endif

@@ -5,7 +5,7 @@
 #define KERAS_QLORA_CUSTOM_OPS_CUDA_NF4_CUDA_DEVICE_CUH_
 
 #if defined(KQ_CUDA_SIM)
-#include "sim/cuda_sim.h"  // the kernels on the host (sim/cuda_sim.h)
+#include "cuda_sim.h"  // the kernels on the host (testing/cuda_sim/)
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -19,7 +19,7 @@
 
 #include <cstdint>
 
-#include "../kernels/nf4_common.h"
+#include "../include/nf4_format.h"
 #include "nf4_cuda_math.h"
 
 namespace keras_qlora {
@@ -28,23 +28,24 @@ namespace nf4_cuda {
 // ------------------------------------------------------------ tables
 
 // The NF4 values and bitsandbytes' dynamic map, copied at compile time from
-// the CPU kernels' tables (nf4_common.h), so both sides use the same bits.
+// the format's tables (nf4_format.h), so both sides use the same bits.
 struct CodeTable {
-  float v[16];
+  float v[nf4::kNf4CodeSize];
 };
 struct DynamicTable {
-  float v[256];
+  float v[nf4::kDynamicMapSize];
 };
 
 constexpr CodeTable MakeCodeTable() {
   CodeTable t{};
-  for (int i = 0; i < 16; ++i) t.v[i] = nf4::kNf4Code[i];
+  for (int i = 0; i < nf4::kNf4CodeSize; ++i) t.v[i] = nf4::kNf4Code[i];
   return t;
 }
 
 constexpr DynamicTable MakeDynamicTable() {
   DynamicTable t{};
-  for (int i = 0; i < 256; ++i) t.v[i] = nf4::kDynamicMap[i];
+  for (int i = 0; i < nf4::kDynamicMapSize; ++i)
+    t.v[i] = nf4::kDynamicMap[i];
   return t;
 }
 
@@ -56,15 +57,16 @@ static __device__ const DynamicTable kDevDynamic = MakeDynamicTable();
 // which shared memory serves in one pass (the constant cache would
 // serialize them).
 struct SharedTables {
-  float code[16];
-  float dynamic[256];
+  float code[nf4::kNf4CodeSize];
+  float dynamic[nf4::kDynamicMapSize];
 };
 
 // Fills `t` (the caller synchronizes before use).
 __device__ __forceinline__ void LoadTables(SharedTables* t, bool dq) {
-  for (int i = threadIdx.x; i < 16; i += blockDim.x) t->code[i] = kDevCode.v[i];
+  for (int i = threadIdx.x; i < nf4::kNf4CodeSize; i += blockDim.x)
+    t->code[i] = kDevCode.v[i];
   if (!dq) return;
-  for (int i = threadIdx.x; i < 256; i += blockDim.x)
+  for (int i = threadIdx.x; i < nf4::kDynamicMapSize; i += blockDim.x)
     t->dynamic[i] = kDevDynamic.v[i];
 }
 
@@ -74,7 +76,8 @@ __device__ __forceinline__ float LoadScale(const Nf4Args& a, int64_t block,
                                            float offset) {
   if (a.absmax_u8 == nullptr) return __ldg(a.absmax_f32 + block);
   return DoubleQuantScale(t.dynamic[__ldg(a.absmax_u8 + block)],
-                          __ldg(a.nested + (block >> 8)), offset);
+                          __ldg(a.nested + (block >> nf4::kNestedBlockShift)),
+                          offset);
 }
 
 __device__ __forceinline__ float LoadOffset(const Nf4Args& a) {

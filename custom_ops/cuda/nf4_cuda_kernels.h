@@ -6,7 +6,7 @@
 #define KERAS_QLORA_CUSTOM_OPS_CUDA_NF4_CUDA_KERNELS_H_
 
 #if defined(KQ_CUDA_SIM)
-#include "sim/cuda_sim.h"
+#include "cuda_sim.h"  // testing/cuda_sim/, on the include path
 #else
 #include <cuda_runtime_api.h>
 #endif

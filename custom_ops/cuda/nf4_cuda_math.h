@@ -1,7 +1,7 @@
 // Index and arithmetic helpers of the CUDA NF4 kernels that are plain C++:
 // compiled for the device by nvcc and for the host by g++ (the CPU emulator,
-// host/nf4_cuda_emulator.cc, runs the kernels' tile algorithm through these
-// same functions). No CUDA headers.
+// testing/cuda_emulator/nf4_cuda_emulator.cc, runs the kernels' tile
+// algorithm through these same functions). No CUDA headers.
 //
 // Conventions: W^T is [N, K] row-major in nibbles (see nf4_cuda.h); a
 // "unit" is 16 consecutive codes of one W^T row (8 bytes, one quantization
@@ -12,10 +12,17 @@
 
 #include <cstdint>
 
-#include "nf4_cuda_plan.h"  // also defines KQ_HD
+#include "../include/nf4_format.h"
+#include "nf4_cuda_plan.h"  // KQ_HD (from nf4_format.h)
 
 namespace keras_qlora {
 namespace nf4_cuda {
+
+// Unfused float32 arithmetic and the double-quantized block scale, shared
+// with the CPU kernels (nf4_format.h).
+using nf4::AddRn;
+using nf4::DoubleQuantScale;
+using nf4::MulRn;
 
 // Everything a kernel needs, passed by value (device pointers).
 struct Nf4Args {
@@ -45,30 +52,6 @@ KQ_HD int NibbleShift(int e) { return 8 * (e >> 1) + ((e & 1) ? 0 : 4); }
 
 KQ_HD int CodeOf(uint32_t word, int e) {
   return static_cast<int>((word >> NibbleShift(e)) & 15u);
-}
-
-// Correctly rounded float32 multiply / add that the compiler must not fuse
-// into an FMA, so double-quantized scales match the CPU kernels bit for bit
-// (the host side is built with -ffp-contract=off).
-KQ_HD float MulRn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-KQ_HD float AddRn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
-// dynamic_map[q] * absmax_scale[b / 256] + offset, as nf4_common.h.
-KQ_HD float DoubleQuantScale(float dynamic, float nested, float offset) {
-  return AddRn(MulRn(dynamic, nested), offset);
 }
 
 // Flat index of W^T[n, k] (also the nibble index into `packed`).

@@ -1,6 +1,6 @@
 // Kernel choice and work split of the CUDA NF4 matmul: plain host C++
 // (no CUDA headers), shared by the launcher (nf4_cuda_api.cu) and the CPU
-// emulator (host/nf4_cuda_emulator.cc), so both see the same plan.
+// emulator (testing/cuda_emulator/), so both see the same plan.
 //
 // Regimes (anchors: bitsandbytes' gemv_4bit / gemm_4bit, Marlin):
 // - GEMV, small M: bandwidth-bound. Every weight byte is read once with
@@ -19,17 +19,15 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "../include/nf4_format.h"  // also defines KQ_HD
 #include "nf4_cuda.h"
-
-// Functions that both the kernels and the host use.
-#if defined(__CUDACC__)
-#define KQ_HD __host__ __device__ __forceinline__
-#else
-#define KQ_HD inline
-#endif
 
 namespace keras_qlora {
 namespace nf4_cuda {
+
+// The format's helpers (nf4_format.h, shared with the CPU kernels).
+using nf4::CeilDiv;
+using nf4::IsAllowedBlockSize;
 
 // AUTO uses GEMV up to these M (the weight is decoded once per pass of this
 // many rows of x; beyond them the tensor-core kernel amortizes decoding over
@@ -102,12 +100,6 @@ struct Plan {
   int64_t split_len = 0;  // GEMV fwd: chunks; GEMV T: rows; MMA: k-tiles
   int64_t workspace_bytes = 0;
 };
-
-KQ_HD int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline bool IsAllowedBlock(int b) {
-  return b == 32 || b == 64 || b == 128 || b == 256;
-}
 
 inline bool GemvShapeOk(const Problem& p) {
   // Forward: 16-byte chunks of one W^T row; transposed: 8-byte units.
@@ -208,10 +200,9 @@ inline bool ValidateProblem(const Problem& p, int algo, int sm_count,
                   "x_dtype must be 0 (float32), 1 (bfloat16) or 2 "
                   "(float16). Received: x_dtype=%d", p.x_dtype);
     what = buf;
-  } else if (!IsAllowedBlock(p.block_size)) {
-    std::snprintf(buf, sizeof(buf),
-                  "block_size must be one of (32, 64, 128, 256). Received: "
-                  "block_size=%d", p.block_size);
+  } else if (!IsAllowedBlockSize(p.block_size)) {
+    std::snprintf(buf, sizeof(buf), KQ_NF4_BLOCK_SIZE_ERROR "%d",
+                  p.block_size);
     what = buf;
   } else if (algo < KQ_NF4_ALGO_AUTO || algo > KQ_NF4_ALGO_MMA) {
     std::snprintf(buf, sizeof(buf),

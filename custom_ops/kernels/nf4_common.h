@@ -1,13 +1,6 @@
-// Shared helpers of the NF4 CPU kernels: code tables, block-scale decoding
-// and size checks. Header-only and stable: the matmul and the quantize
-// kernels both include it, so change it only compatibly.
-//
-// Format (bit-compatible with bitsandbytes): W^T ([N, K]) flattened
-// row-major, blocks of `block_size` consecutive elements, two 4-bit codes
-// per byte with the FIRST element in the HIGH nibble. An element's value is
-// kNf4Code[code] * scale[block] (one float32 multiply). With double quant,
-// scale[b] = kDynamicMap[absmax_u8[b]] * absmax_scale[b / 256] + offset,
-// one float32 multiply then one add (build with -ffp-contract=off).
+// Helpers of the NF4 CPU kernels on top of the format (nf4_format.h):
+// overflow-checked sizes and block-scale decoding. Header-only: the matmul
+// and the quantize kernels both include it.
 
 #ifndef KERAS_QLORA_CUSTOM_OPS_KERNELS_NF4_COMMON_H_
 #define KERAS_QLORA_CUSTOM_OPS_KERNELS_NF4_COMMON_H_
@@ -15,100 +8,10 @@
 #include <cstdint>
 #include <limits>
 
+#include "../include/nf4_format.h"
+
 namespace keras_qlora {
 namespace nf4 {
-
-// Double quantization quantizes the block scales in blocks of this size.
-constexpr int64_t kNestedBlockSize = 256;
-
-// The 16 NF4 values; index i is the 4-bit code i (keras_qlora.quantizers.
-// codes.NF4_CODE, exact float32 values as hex literals).
-alignas(64) inline constexpr float kNf4Code[16] = {
-    -0x1p+0f, -0x1.647362p-1f, -0x1.0cd66p-1f, -0x1.94654p-2f,
-    -0x1.23449ap-2f, -0x1.7a6a7ep-3f, -0x1.74f0e2p-4f, 0x0p+0f,
-    0x1.45f5fep-4f, 0x1.4995c6p-3f, 0x1.f809bap-3f, 0x1.5a0674p-2f,
-    0x1.c3497p-2f, 0x1.200f56p-1f, 0x1.722766p-1f, 0x1p+0f,
-};
-
-// Index of the code 0.0 (what padding nibbles hold).
-constexpr int kNf4ZeroIndex = 7;
-
-// bitsandbytes' signed 8-bit dynamic map (keras_qlora.quantizers.codes.
-// dynamic_map(), generated with float(v).hex()).
-alignas(64) inline constexpr float kDynamicMap[256] = {
-    -0x1.fc6666p-1f, -0x1.f53334p-1f, -0x1.eep-1f, -0x1.e6ccccp-1f,
-    -0x1.df999ap-1f, -0x1.d86666p-1f, -0x1.d13334p-1f, -0x1.cap-1f,
-    -0x1.c2ccccp-1f, -0x1.bb999ap-1f, -0x1.b46666p-1f, -0x1.ad3334p-1f,
-    -0x1.a6p-1f, -0x1.9eccccp-1f, -0x1.97999ap-1f, -0x1.906666p-1f,
-    -0x1.893334p-1f, -0x1.82p-1f, -0x1.7accccp-1f, -0x1.73999ap-1f,
-    -0x1.6c6668p-1f, -0x1.653334p-1f, -0x1.5ep-1f, -0x1.56ccccp-1f,
-    -0x1.4f999ap-1f, -0x1.486668p-1f, -0x1.413334p-1f, -0x1.3ap-1f,
-    -0x1.32ccccp-1f, -0x1.2b999ap-1f, -0x1.246668p-1f, -0x1.1d3334p-1f,
-    -0x1.16p-1f, -0x1.0eccccp-1f, -0x1.079998p-1f, -0x1.006666p-1f,
-    -0x1.f26664p-2f, -0x1.e4p-2f, -0x1.d59998p-2f, -0x1.c73334p-2f,
-    -0x1.b8ccccp-2f, -0x1.aa6666p-2f, -0x1.9cp-2f, -0x1.8d9998p-2f,
-    -0x1.7f3334p-2f, -0x1.70ccccp-2f, -0x1.626666p-2f, -0x1.54p-2f,
-    -0x1.459998p-2f, -0x1.373334p-2f, -0x1.28ccccp-2f, -0x1.1a6668p-2f,
-    -0x1.0cp-2f, -0x1.fb3332p-3f, -0x1.de6666p-3f, -0x1.c1999ap-3f,
-    -0x1.a4ccccp-3f, -0x1.88p-3f, -0x1.6b3334p-3f, -0x1.4e6666p-3f,
-    -0x1.31999ap-3f, -0x1.14ccccp-3f, -0x1.fp-4f, -0x1.b66668p-4f,
-    -0x1.93d70ap-4f, -0x1.8851eep-4f, -0x1.7ccccep-4f, -0x1.7147aep-4f,
-    -0x1.65c29p-4f, -0x1.5a3d7p-4f, -0x1.4eb854p-4f, -0x1.433334p-4f,
-    -0x1.37ae14p-4f, -0x1.2c28f6p-4f, -0x1.20a3d6p-4f, -0x1.151ebap-4f,
-    -0x1.09999ap-4f, -0x1.fc28f6p-5f, -0x1.e51ebap-5f, -0x1.ce147ap-5f,
-    -0x1.b70a3ep-5f, -0x1.ap-5f, -0x1.88f5c2p-5f, -0x1.71eb86p-5f,
-    -0x1.5ae146p-5f, -0x1.43d70ap-5f, -0x1.2ccccep-5f, -0x1.15c29p-5f,
-    -0x1.fd70a4p-6f, -0x1.cf5c2ap-6f, -0x1.a147aep-6f, -0x1.733334p-6f,
-    -0x1.451ebap-6f, -0x1.170a3ep-6f, -0x1.d1eb86p-7f, -0x1.75c29p-7f,
-    -0x1.3e76c8p-7f, -0x1.2c083p-7f, -0x1.19999ap-7f, -0x1.072b02p-7f,
-    -0x1.e978d4p-8f, -0x1.c49ba6p-8f, -0x1.9fbe76p-8f, -0x1.7ae148p-8f,
-    -0x1.56041ap-8f, -0x1.3126e8p-8f, -0x1.0c49bap-8f, -0x1.ced914p-9f,
-    -0x1.851eb8p-9f, -0x1.3b645ap-9f, -0x1.e353f8p-10f, -0x1.4fdf3ap-10f,
-    -0x1.eecbfep-11f, -0x1.b3d07cp-11f, -0x1.78d5p-11f, -0x1.3dd982p-11f,
-    -0x1.02de02p-11f, -0x1.8fc506p-12f, -0x1.19ce0ap-12f, -0x1.47ae16p-13f,
-    -0x1.743e96p-14f, -0x1.15df66p-14f, -0x1.6f0068p-15f, -0x1.64840cp-16f,
-    -0x1.040bfep-17f, -0x1.b43528p-19f, -0x1.27476ep-21f, 0x0p+0f,
-    0x1.27476ep-21f, 0x1.b43528p-19f, 0x1.040bfep-17f, 0x1.64840cp-16f,
-    0x1.6f0068p-15f, 0x1.15df66p-14f, 0x1.743e96p-14f, 0x1.47ae16p-13f,
-    0x1.19ce0ap-12f, 0x1.8fc506p-12f, 0x1.02de02p-11f, 0x1.3dd982p-11f,
-    0x1.78d5p-11f, 0x1.b3d07cp-11f, 0x1.eecbfep-11f, 0x1.4fdf3ap-10f,
-    0x1.e353f8p-10f, 0x1.3b645ap-9f, 0x1.851eb8p-9f, 0x1.ced914p-9f,
-    0x1.0c49bap-8f, 0x1.3126e8p-8f, 0x1.56041ap-8f, 0x1.7ae148p-8f,
-    0x1.9fbe76p-8f, 0x1.c49ba6p-8f, 0x1.e978d4p-8f, 0x1.072b02p-7f,
-    0x1.19999ap-7f, 0x1.2c083p-7f, 0x1.3e76c8p-7f, 0x1.75c29p-7f,
-    0x1.d1eb86p-7f, 0x1.170a3ep-6f, 0x1.451ebap-6f, 0x1.733334p-6f,
-    0x1.a147aep-6f, 0x1.cf5c2ap-6f, 0x1.fd70a4p-6f, 0x1.15c29p-5f,
-    0x1.2ccccep-5f, 0x1.43d70ap-5f, 0x1.5ae146p-5f, 0x1.71eb86p-5f,
-    0x1.88f5c2p-5f, 0x1.ap-5f, 0x1.b70a3ep-5f, 0x1.ce147ap-5f,
-    0x1.e51ebap-5f, 0x1.fc28f6p-5f, 0x1.09999ap-4f, 0x1.151ebap-4f,
-    0x1.20a3d6p-4f, 0x1.2c28f6p-4f, 0x1.37ae14p-4f, 0x1.433334p-4f,
-    0x1.4eb854p-4f, 0x1.5a3d7p-4f, 0x1.65c29p-4f, 0x1.7147aep-4f,
-    0x1.7ccccep-4f, 0x1.8851eep-4f, 0x1.93d70ap-4f, 0x1.b66668p-4f,
-    0x1.fp-4f, 0x1.14ccccp-3f, 0x1.31999ap-3f, 0x1.4e6666p-3f,
-    0x1.6b3334p-3f, 0x1.88p-3f, 0x1.a4ccccp-3f, 0x1.c1999ap-3f,
-    0x1.de6666p-3f, 0x1.fb3332p-3f, 0x1.0cp-2f, 0x1.1a6668p-2f,
-    0x1.28ccccp-2f, 0x1.373334p-2f, 0x1.459998p-2f, 0x1.54p-2f,
-    0x1.626666p-2f, 0x1.70ccccp-2f, 0x1.7f3334p-2f, 0x1.8d9998p-2f,
-    0x1.9cp-2f, 0x1.aa6666p-2f, 0x1.b8ccccp-2f, 0x1.c73334p-2f,
-    0x1.d59998p-2f, 0x1.e4p-2f, 0x1.f26664p-2f, 0x1.006666p-1f,
-    0x1.079998p-1f, 0x1.0eccccp-1f, 0x1.16p-1f, 0x1.1d3334p-1f,
-    0x1.246668p-1f, 0x1.2b999ap-1f, 0x1.32ccccp-1f, 0x1.3ap-1f,
-    0x1.413334p-1f, 0x1.486668p-1f, 0x1.4f999ap-1f, 0x1.56ccccp-1f,
-    0x1.5ep-1f, 0x1.653334p-1f, 0x1.6c6668p-1f, 0x1.73999ap-1f,
-    0x1.7accccp-1f, 0x1.82p-1f, 0x1.893334p-1f, 0x1.906666p-1f,
-    0x1.97999ap-1f, 0x1.9eccccp-1f, 0x1.a6p-1f, 0x1.ad3334p-1f,
-    0x1.b46666p-1f, 0x1.bb999ap-1f, 0x1.c2ccccp-1f, 0x1.cap-1f,
-    0x1.d13334p-1f, 0x1.d86666p-1f, 0x1.df999ap-1f, 0x1.e6ccccp-1f,
-    0x1.eep-1f, 0x1.f53334p-1f, 0x1.fc6666p-1f, 0x1p+0f,
-};
-
-inline bool IsAllowedBlockSize(int64_t block_size) {
-  return block_size == 32 || block_size == 64 || block_size == 128 ||
-         block_size == 256;
-}
-
-// ceil(a / b) for a >= 0, b > 0.
-inline int64_t CeilDiv(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 // Sets *out = a * b and returns true, or returns false when a, b >= 0 and
 // the product does not fit in int64.
@@ -117,31 +20,6 @@ inline bool CheckedMul(int64_t a, int64_t b, int64_t* out) {
   if (a != 0 && b > std::numeric_limits<int64_t>::max() / a) return false;
   *out = a * b;
   return true;
-}
-
-// Bytes of the packed codes of `count` elements.
-inline int64_t PackedBytes(int64_t count) { return CeilDiv(count, 2); }
-
-// Number of quantization blocks of `count` elements.
-inline int64_t NumBlocks(int64_t count, int64_t block_size) {
-  return CeilDiv(count, block_size);
-}
-
-// Number of float32 absmax_scale entries with double quant.
-inline int64_t NumNestedBlocks(int64_t blocks) {
-  return CeilDiv(blocks, kNestedBlockSize);
-}
-
-// The 4-bit code of flat element i (high nibble first).
-inline int CodeAt(const uint8_t* packed, int64_t i) {
-  const uint8_t byte = packed[i >> 1];
-  return (i & 1) ? (byte & 0x0F) : (byte >> 4);
-}
-
-// Decoded double-quantized block scale.
-inline float DoubleQuantScale(uint8_t code, float nested_scale, float offset) {
-  const float scaled = kDynamicMap[code] * nested_scale;
-  return scaled + offset;
 }
 
 // The float32 scale of every block, from either storage: plain float32
@@ -155,8 +33,8 @@ struct BlockScales {
 
   float operator()(int64_t block) const {
     if (absmax_u8 == nullptr) return absmax_f32[block];
-    return DoubleQuantScale(absmax_u8[block],
-                            nested_scale[block / kNestedBlockSize], offset);
+    return DoubleQuantScale(kDynamicMap[absmax_u8[block]],
+                            nested_scale[block >> kNestedBlockShift], offset);
   }
 };
 

@@ -32,8 +32,7 @@ struct Nf4MatmulAttrs {
       return InvalidArgument("NF4Matmul: k and n must be >= 1. Received: "
                              "k=", k, ", n=", n);
     if (!nf4::IsAllowedBlockSize(block_size))
-      return InvalidArgument("NF4Matmul: block_size must be one of (32, "
-                             "64, 128, 256). Received: block_size=",
+      return InvalidArgument("NF4Matmul: " KQ_NF4_BLOCK_SIZE_ERROR,
                              block_size);
     if (!nf4::CheckedMul(k, n, &count))
       return InvalidArgument("NF4Matmul: k * n overflows int64. Received: "

@@ -183,10 +183,7 @@ void EncodeBlockScalar(const float* w, int64_t len, float s, bool divide,
         w.shape().DebugString());
   }
   if (!nf4::IsAllowedBlockSize(block_size)) {
-    return errors::InvalidArgument(
-        "block_size must be one of (32, 64, 128, 256). Received: "
-        "block_size=",
-        block_size);
+    return errors::InvalidArgument(KQ_NF4_BLOCK_SIZE_ERROR, block_size);
   }
   return ::tensorflow::Status();
 }

@@ -35,7 +35,7 @@ constexpr float kGrid[kGridSize] = {
 constexpr float kTiny = 0x1.b38fb8p-127f;
 constexpr uint8_t kZeroIndex = nf4::kNf4ZeroIndex;
 constexpr uint8_t kZeroByte = (kZeroIndex << 4) | kZeroIndex;
-constexpr int kMaxBlock = 256;
+constexpr int kMaxBlock = nf4::kMaxBlockSize;
 
 // (code[i] + code[i + 1]) / 2 in float32, as codes.NF4_MIDPOINTS; the 16th
 // entry (+inf) only pads the table for 16-lane permutes.

@@ -212,15 +212,15 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
 
     def _qlora_matmul(self, x, training=None):
         """`x @ W_nf4 + scale * dropout(x) @ A @ B` on the last axis of x."""
-        y = qops.nf4_matmul(
-            x,
-            self.nf4_packed,
-            self.nf4_absmax,
-            self.nf4_absmax_scale,
-            self.nf4_absmax_offset,
-            self.kernel_2d_shape,
-            self.block_size,
+        weight = qops.NF4Tensors(
+            packed=self.nf4_packed,
+            absmax=self.nf4_absmax,
+            absmax_scale=self.nf4_absmax_scale,
+            absmax_offset=self.nf4_absmax_offset,
+            shape=self.kernel_2d_shape,
+            block_size=self.block_size,
         )
+        y = qops.nf4_matmul(x, weight)
         if self.rank is None or not self.lora_enabled:
             return y
         lora_a, lora_b = self.adapter_variables(self.active_adapter)

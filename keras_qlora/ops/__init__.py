@@ -1,315 +1,34 @@
-"""The single entry point for every 4-bit matmul in keras_qlora.
+"""The NF4 matmul op: wrapper, reference path, quantizer and library.
 
-Layers call `nf4_matmul`; nothing else multiplies by an NF4 weight. On
-TensorFlow it runs the fused C++ op `KerasQLoRA>NF4Matmul` (custom_ops/),
-which never materializes the float weight; its input gradient is the same op
-with `transpose=True`, registered below at import. When the op library
-cannot be built or loaded, or `KERAS_QLORA_PURE_TF=1`, it runs the pure
-`keras.ops` reference (dequantize, then matmul) and warns once. Inside
-`with reference_path():` it runs the reference without warning, whatever
-the library's state: graphs traced there hold stock TensorFlow ops only
-(portable SavedModels, see `keras_qlora.export`).
+Re-exports only; one concept per module:
 
-The reference path also carries its own gradient on TensorFlow: the input
-gradient dequantizes again in the backward pass, so autodiff never keeps a
-layer's float kernel alive from the forward pass to the backward pass. No
-gradient flows to the 4-bit state on either path.
+- `fused`: the op wrapper `nf4_matmul` (fused C++ op or pure-TF reference,
+  with its gradient) and `reference_path()`;
+- `tensors`: `NF4Tensors`, the 4-bit weight as the wrapper takes it;
+- `reference`: the pure `keras.ops` reference (dequantize, then matmul);
+- `quantize`: `quantize_nf4_fused`, the C++ quantizer;
+- `loader`: lazy loading of the op library and the fallback warning;
+- `build`: compiling the op library (compilers, cache key, atomic writes).
 """
 
-import contextlib
-import os
-import threading
-import warnings
-
-import keras
-
-from keras_qlora.ops import _library
+from keras_qlora.ops.fused import OP_TYPE
+from keras_qlora.ops.fused import active_path
+from keras_qlora.ops.fused import fused_library
+from keras_qlora.ops.fused import nf4_matmul
+from keras_qlora.ops.fused import reference_path
+from keras_qlora.ops.loader import status as library_status
+from keras_qlora.ops.quantize import quantize_nf4_fused
 from keras_qlora.ops.reference import dequantize_transposed
-from keras_qlora.ops.reference import nf4_matmul_reference
-
-OP_TYPE = "KerasQLoRA>NF4Matmul"
-_warned = []
-_checked = []
-# Per thread: tf.function traces in the calling thread, and a portable
-# export must not switch the path of a model training in another thread.
-_forced = threading.local()
-
-
-@contextlib.contextmanager
-def reference_path():
-    """Runs `nf4_matmul` on the pure-TF reference path inside the block.
-
-    Graphs traced inside (e.g. a SavedModel export) then contain only stock
-    TensorFlow ops, with the 4-bit variables dequantized in the graph, so
-    they load without this package. Affects the calling thread only; nests.
-    Meant for inference graphs: the reference runs here without its custom
-    gradient, so autodiff (still correct) keeps each dequantized kernel
-    until the backward pass.
-
-    Example:
-
-    ```python
-    with keras_qlora.ops.reference_path():
-        model.export("saved", format="tf_saved_model")
-    ```
-    """
-    depth = getattr(_forced, "depth", 0)
-    _forced.depth = depth + 1
-    try:
-        yield
-    finally:
-        _forced.depth = depth
-
-
-def _reference_forced():
-    return getattr(_forced, "depth", 0) > 0
-
-
-def fused_library():
-    """The loaded op module, or None (building it on first use).
-
-    The first time, the op also runs a tiny self-test against the reference;
-    a library that loads but lacks a kernel (or computes wrong results) is
-    not used.
-    """
-    if keras.backend.backend() != "tensorflow":
-        return None
-    lib = _library.load()
-    if lib is None:
-        return None
-    if not _checked:
-        import tensorflow as tf
-
-        # First use is often while fit() traces its step function: run the
-        # self-test eagerly, outside that graph.
-        with tf.init_scope():
-            _checked.append(_self_test(lib))
-    return lib if _checked[0] else None
-
-
-# (m, k, n, dtype, transpose) of the self-test. On a GPU they reach every
-# CUDA kernel family (nf4_cuda_plan.h): K = 70 the reference kernel, the
-# float32 cases at M = 2 the forward and transposed GEMV, the bfloat16 case
-# at M = 24 the tensor-core kernel; on a CPU, the CPU kernels' paths.
-_SELF_TEST_CASES = (
-    (2, 70, 3, "float32", False),
-    (2, 64, 40, "float32", False),
-    (2, 64, 40, "float32", True),
-    (24, 64, 40, "bfloat16", False),
-)
-
-
-def _self_test(lib):
-    import numpy as np
-    import tensorflow as tf
-
-    from keras_qlora.quantizers import quantize_nf4
-
-    case = None
-    try:
-        rng = np.random.default_rng(0)
-        for case in _SELF_TEST_CASES:
-            m, k, n, dtype, transpose = case
-            state = quantize_nf4(rng.standard_normal((k, n)).astype("float32"))
-            x = tf.cast(
-                rng.standard_normal((m, n if transpose else k)).astype(
-                    "float32"
-                ),
-                dtype,
-            )
-            args = (state.packed, state.absmax, state.absmax_scale)
-            args += (np.float32(state.absmax_offset),)
-            got = _fused(lib, x, args, state.shape, state.block_size, transpose)
-            want = nf4_matmul_reference(
-                x, *args, state.shape, state.block_size, transpose
-            )
-            got = np.asarray(tf.cast(got, "float32"))
-            want = np.asarray(tf.cast(want, "float32"))
-            # float32: accumulation order only; bfloat16: output rounding.
-            tol = 1e-4 if dtype == "float32" else 1e-2 * np.abs(want).max()
-            if got.shape != want.shape or not np.allclose(got, want, atol=tol):
-                raise ValueError(
-                    f"results differ from the reference (largest difference "
-                    f"{np.abs(got - want).max():.3g}, allowed {tol:.3g})"
-                )
-    except Exception as err:
-        m, k, n, dtype, transpose = case or (0, 0, 0, "?", False)
-        _library.mark_failed(
-            f"self-test of the fused op failed for {dtype} x [{m}, "
-            f"{n if transpose else k}] @ W{'^T' if transpose else ''} "
-            f"(W [{k}, {n}]): {err}"
-        )
-        return False
-    return True
-
-
-def active_path() -> tuple:
-    """Returns `(name, reason)` of the implementation `nf4_matmul` uses."""
-    if keras.backend.backend() != "tensorflow":
-        return ("reference", f"Keras backend is {keras.backend.backend()}")
-    if _reference_forced():
-        return ("reference", "forced by keras_qlora.ops.reference_path()")
-    if fused_library() is not None:
-        return ("fused", f"C++ op library {_library.status()['path']}")
-    return ("reference", _library.status()["reason"])
-
-
-def nf4_matmul(
-    x,
-    packed,
-    absmax,
-    absmax_scale,
-    absmax_offset,
-    shape,
-    block_size,
-    transpose=False,
-):
-    """Computes `x @ W` (or `x @ W^T` with `transpose=True`) for NF4 `W`.
-
-    Args:
-        x: float32 / float16 / bfloat16 tensor of rank >= 2, last axis K
-            (N when `transpose`).
-        packed: uint8 packed 4-bit indices, `ceil(K * N / 2)` bytes.
-        absmax: float32 block scales, or uint8 codes with double quant.
-        absmax_scale: float32 per-256-block scales (double quant) or None.
-        absmax_offset: float32 scalar offset (double quant) or None.
-        shape: logical kernel shape `(K, N)`.
-        block_size: quantization block size.
-        transpose: multiply by `W^T` (used for input gradients).
-
-    Returns:
-        A tensor of x's dtype with last axis N (K when `transpose`).
-    """
-    _check_dtypes(x, packed, absmax, absmax_scale, absmax_offset)
-    state = (packed, absmax, absmax_scale, absmax_offset)
-    # Under reference_path(): plain ops, without the custom-gradient
-    # wrapper, which is slow to trace and adds gradient functions to
-    # exported graphs.
-    if keras.backend.backend() != "tensorflow" or _reference_forced():
-        return nf4_matmul_reference(
-            x, *state, shape, block_size, transpose=transpose
-        )
-    lib = fused_library()
-    if lib is not None:
-        return _fused(lib, x, state, shape, block_size, transpose)
-    _warn_fallback()
-    return _reference_with_gradient(x, state, shape, block_size, transpose)
-
-
-_ALLOWED_DTYPES = (
-    ("x", ("float32", "bfloat16", "float16")),
-    ("packed", ("uint8",)),
-    ("absmax", ("float32", "uint8")),
-    ("absmax_scale", ("float32",)),
-    ("absmax_offset", ("float32",)),
-)
-
-
-def _check_dtypes(*tensors):
-    """TypeError naming the argument, before anything is cast silently."""
-    for (name, allowed), value in zip(_ALLOWED_DTYPES, tensors, strict=True):
-        if value is None and name in ("absmax_scale", "absmax_offset"):
-            continue
-        dtype = keras.backend.standardize_dtype(getattr(value, "dtype", None))
-        if dtype not in allowed:
-            raise TypeError(
-                f"nf4_matmul: {name} must have dtype in {allowed}. "
-                f"Received: {name}.dtype={dtype}"
-            )
-
-
-def _fused(lib, x, state, shape, block_size, transpose):
-    import tensorflow as tf
-
-    packed, absmax, absmax_scale, absmax_offset = state
-    if absmax_scale is None:
-        absmax_scale = tf.zeros((0,), tf.float32)
-        absmax_offset = tf.zeros((), tf.float32)
-    return lib.keras_q_lo_ra_nf4_matmul(
-        x,
-        packed,
-        absmax,
-        absmax_scale,
-        absmax_offset,
-        k=shape[0],
-        n=shape[1],
-        block_size=block_size,
-        transpose=transpose,
-    )
-
-
-def _reference_with_gradient(x, state, shape, block_size, transpose):
-    import tensorflow as tf
-
-    # Read variables outside the custom-gradient function, behind
-    # stop_gradient: it then closes over constants, the forward ops record
-    # nothing on an eager tape (so they keep no float kernel alive), and no
-    # gradient can reach the 4-bit state.
-    state = tuple(
-        None if t is None else tf.stop_gradient(tf.convert_to_tensor(t))
-        for t in state
-    )
-
-    def product(inputs, flip):
-        return nf4_matmul_reference(
-            inputs, *state, shape, block_size, transpose=flip
-        )
-
-    @tf.custom_gradient
-    def forward(inputs):
-        def grad(dy):
-            return product(dy, not transpose)
-
-        return product(tf.stop_gradient(inputs), transpose), grad
-
-    return forward(x)
-
-
-def _warn_fallback():
-    if _warned or os.environ.get("KERAS_QLORA_PURE_TF") == "1":
-        return
-    _warned.append(True)
-    warnings.warn(
-        "keras_qlora: the fused NF4 op is not available "
-        f"({_library.status()['reason']}); using the pure TensorFlow path, "
-        "which dequantizes each kernel per call (slower, more memory). "
-        "Run `python -m keras_qlora.ops --build` to see the build error, or "
-        "set KERAS_QLORA_PURE_TF=1 to choose the pure path silently.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
-def _register_gradient():
-    """Input gradient of the fused op: the transposed product."""
-    if keras.backend.backend() != "tensorflow":
-        return
-    import tensorflow as tf
-
-    @tf.RegisterGradient(OP_TYPE)
-    def _nf4_matmul_grad(op, dy):
-        lib = _library.load()
-        dx = lib.keras_q_lo_ra_nf4_matmul(
-            dy,
-            *op.inputs[1:],
-            k=op.get_attr("k"),
-            n=op.get_attr("n"),
-            block_size=op.get_attr("block_size"),
-            transpose=not op.get_attr("transpose"),
-        )
-        return [dx, None, None, None, None]
-
-
-try:
-    _register_gradient()
-except KeyError:  # registered already (module re-imported)
-    pass
+from keras_qlora.ops.tensors import NF4Tensors
 
 __all__ = [
+    "NF4Tensors",
     "OP_TYPE",
     "active_path",
     "dequantize_transposed",
     "fused_library",
+    "library_status",
     "nf4_matmul",
+    "quantize_nf4_fused",
     "reference_path",
 ]

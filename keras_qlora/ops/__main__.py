@@ -20,11 +20,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from keras_qlora import ops
-    from keras_qlora.ops import _library
+    from keras_qlora.ops import build
+    from keras_qlora.ops import loader
 
     if args.build:
         try:
-            path = _library._find_or_build()
+            path = build.find_or_build()
         except Exception as err:
             print(f"build failed: {err}", file=sys.stderr)
             return 1
@@ -32,11 +33,11 @@ def main(argv=None) -> int:
     name, reason = ops.active_path()
     print(f"active path: {name}")
     print(f"reason:      {reason}")
-    print(f"cuda kernels: {_library.cuda_status()}")
+    print(f"cuda kernels: {loader.cuda_status()}")
     print(f"gpus:        {_visible_gpus()}")
     try:
-        print(f"sources:     {_library.source_dir()}")
-        print(f"cache:       {_library.cache_dir()}")
+        print(f"sources:     {build.source_dir()}")
+        print(f"cache:       {build.cache_dir()}")
     except FileNotFoundError as err:
         print(f"sources:     missing ({err})")
     return 0 if name == "fused" or not args.build else 1

@@ -15,13 +15,13 @@ numpy reference instead.
 
 from typing import Any
 
-from keras_qlora.ops import _library
+from keras_qlora.ops import loader
+from keras_qlora.quantizers import NF4State
+from keras_qlora.quantizers import as_float_matrix
+from keras_qlora.quantizers import check_block_size
+from keras_qlora.quantizers import dequantize_absmax
 from keras_qlora.quantizers import double_quantize_absmax
 from keras_qlora.quantizers import quantize_nf4
-from keras_qlora.quantizers.nf4 import _as_float_matrix
-from keras_qlora.quantizers.state import NF4State
-from keras_qlora.quantizers.state import check_block_size
-from keras_qlora.quantizers.state import dequantize_absmax
 
 
 def quantize_nf4_fused(
@@ -59,8 +59,8 @@ def quantize_nf4_fused(
     (4096,)
     """
     block_size = check_block_size(block_size)
-    kernel = _as_float_matrix(kernel_2d)
-    lib = _library.load()
+    kernel = as_float_matrix(kernel_2d)
+    lib = loader.load()
     if lib is None:
         return quantize_nf4(kernel, block_size, double_quant, scale_search)
     import tensorflow as tf

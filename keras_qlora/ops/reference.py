@@ -57,23 +57,14 @@ def block_scales(absmax, absmax_scale, absmax_offset, blocks):
     return decoded * per_block + absmax_offset
 
 
-def nf4_matmul_reference(
-    x,
-    packed,
-    absmax,
-    absmax_scale,
-    absmax_offset,
-    shape,
-    block_size,
-    transpose=False,
-):
+def nf4_matmul_reference(x, weight, transpose=False):
     """`x @ W` (or `x @ W^T` with `transpose`) with W given as NF4 state.
 
     x has rank >= 2 and is float32, float16 or bfloat16; the result has x's
-    dtype. `W` is the logical `[K, N]` kernel.
+    dtype. `weight` is an `NF4Tensors` holding the logical `[K, N]` kernel.
     """
     w_t = dequantize_transposed(
-        packed, absmax, absmax_scale, absmax_offset, shape, block_size
+        *weight.arrays(), weight.shape, weight.block_size
     )
     w_t = ops.cast(w_t, keras.backend.standardize_dtype(x.dtype))
     if transpose:

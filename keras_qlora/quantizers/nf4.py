@@ -92,7 +92,7 @@ def quantize_nf4(
     (128, 64)
     """
     block_size = check_block_size(block_size)
-    kernel = _as_float_matrix(kernel_2d)
+    kernel = as_float_matrix(kernel_2d)
     k, n = kernel.shape
     flat = np.ascontiguousarray(kernel.T).reshape(-1)  # [N, K] row-major
     del kernel
@@ -182,7 +182,23 @@ def flat_tail(num_elements: int, block_size: int) -> int:
     return num_elements % block_size
 
 
-def _as_float_matrix(kernel_2d) -> np.ndarray:
+def as_float_matrix(kernel_2d: Any) -> np.ndarray:
+    """The kernel a quantizer takes, as a finite float32 numpy `[K, N]`.
+
+    Shared by `quantize_nf4` and the C++ quantizer
+    (`keras_qlora.ops.quantize_nf4_fused`), so both refuse the same inputs
+    with the same messages.
+
+    Args:
+        kernel_2d: float array-like (numpy, TF or Keras tensor/variable).
+
+    Returns:
+        A float32 numpy array of shape `[K, N]`.
+
+    Raises:
+        TypeError: a non-floating kernel.
+        ValueError: not 2-D, empty, or non-finite values.
+    """
     if hasattr(kernel_2d, "numpy"):
         kernel_2d = kernel_2d.numpy()
     arr = np.asarray(kernel_2d)

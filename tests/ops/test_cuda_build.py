@@ -1,13 +1,13 @@
 """The CUDA half of the fused NF4 op, checked on a machine without a GPU.
 
-- Build: with nvcc, the op library (keras_qlora.ops._library, shared cache)
+- Build: with nvcc, the op library (keras_qlora.ops.build, shared cache)
   holds the CUDA kernels, hides the static CUDA runtime, registers the GPU
   kernel and still runs on CPU; the standalone C ABI library (linked from
   the op library's CUDA archive, so nothing compiles twice) exports exactly
   the C ABI, plans kernels and rejects bad arguments before touching a GPU.
   Without nvcc these tests skip, unless KERAS_QLORA_REQUIRE_NVCC=1 (then
   they fail).
-- Kernels: the CPU emulator (custom_ops/cuda/host/, built with g++) runs the
+- Kernels: the CPU emulator (custom_ops/testing/cuda_emulator/, g++) runs the
   GEMV, MMA and reference kernels' algorithms through the kernels' own plan,
   index, decode and fragment helpers, and is compared with a float64
   reference. What it cannot show (races, the hardware itself) is listed in
@@ -25,12 +25,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from keras_qlora.ops import _library
+from keras_qlora.ops import build
+from keras_qlora.ops import loader
 from keras_qlora.quantizers import dequantize_nf4
 from keras_qlora.quantizers import quantize_nf4
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-CUDA_DIR = _library.source_dir() / "cuda"
+CUDA_DIR = build.source_dir() / "cuda"
+EMULATOR_DIR = build.source_dir() / "testing" / "cuda_emulator"
 ABI_FUNCTIONS = {
     "kq_nf4_cuda_abi_version",
     "kq_nf4_cuda_plan",
@@ -56,7 +58,7 @@ class Plan(ctypes.Structure):
 
 
 def _require_cuda() -> dict:
-    config = _library.cuda_config()
+    config = build.cuda_config()
     if config["enabled"]:
         return config
     reason = f"the CUDA kernels are not built here: {config['reason']}"
@@ -81,17 +83,17 @@ def _defined_symbols(path) -> set:
 @pytest.fixture(scope="module")
 def op_library_path():
     _require_cuda()
-    if _library.load() is None:
-        pytest.fail(f"the op library did not load: {_library.status()}")
-    return pathlib.Path(_library.status()["path"])
+    if loader.load() is None:
+        pytest.fail(f"the op library did not load: {loader.status()}")
+    return pathlib.Path(loader.status()["path"])
 
 
 @pytest.fixture(scope="module")
 def abi(op_library_path, tmp_path_factory):
     """The standalone C ABI library, linked from the op library's archive."""
-    archive = op_library_path.parent / _library.CUDA_ARCHIVE_NAME
+    archive = op_library_path.parent / build.CUDA_ARCHIVE_NAME
     out = tmp_path_factory.mktemp("abi") / "libkq_nf4_cuda.so"
-    _library.build_cuda_abi_library(
+    build.build_cuda_abi_library(
         out, archive=archive if archive.exists() else None
     )
     lib = ctypes.CDLL(str(out))
@@ -130,7 +132,7 @@ def abi(op_library_path, tmp_path_factory):
 def emulator(tmp_path_factory):
     """The CPU emulator of the kernels (g++ only; no nvcc needed)."""
     out = tmp_path_factory.mktemp("emulator") / "libkq_nf4_emulator.so"
-    sources = sorted((CUDA_DIR / "host").glob("*.cc"))
+    sources = sorted(EMULATOR_DIR.glob("*.cc"))
     cmd = [
         os.environ.get("CXX", "g++"),
         "-std=c++17",
@@ -175,11 +177,11 @@ def emulator(tmp_path_factory):
 
 
 def test_op_library_holds_cuda_kernels_and_hides_the_runtime(op_library_path):
-    assert _library.cuda_status().startswith("built (nvcc ")
+    assert loader.cuda_status().startswith("built (nvcc ")
     exported = _defined_symbols(op_library_path)
     leaked = sorted(s for s in exported if re.match(r"_*cu[A-Z]|_*cuda", s))
     assert leaked == [], f"CUDA runtime symbols exported: {leaked[:10]}"
-    archive = op_library_path.parent / _library.CUDA_ARCHIVE_NAME
+    archive = op_library_path.parent / build.CUDA_ARCHIVE_NAME
     assert archive.exists() and archive.stat().st_size > 0
 
 
@@ -197,15 +199,7 @@ def test_gpu_kernel_is_registered_and_cpu_still_runs(op_library_path):
     state = quantize_nf4(rng.standard_normal((96, 40)).astype("float32"))
     x = rng.standard_normal((3, 96)).astype("float32")
     with tf.device("/CPU:0"):
-        y = ops.nf4_matmul(
-            x,
-            state.packed,
-            state.absmax,
-            state.absmax_scale,
-            np.float32(state.absmax_offset),
-            state.shape,
-            state.block_size,
-        )
+        y = ops.nf4_matmul(x, state)
     np.testing.assert_allclose(
         np.asarray(y), x @ dequantize_nf4(state), rtol=1e-5, atol=1e-5
     )

@@ -1,6 +1,6 @@
 """The CUDA kernels' own source, run on the CPU (no GPU needed).
 
-custom_ops/cuda/sim/ compiles the .cu kernels with g++ against a host
+custom_ops/testing/cuda_sim/ compiles the .cu kernels with g++ against a host
 stand-in for CUDA (blocks, __syncthreads, warp shuffles, mma.sync from the
 PTX ISA fragment tables). These tests run, through the C ABI:
 
@@ -78,7 +78,7 @@ def _broken_copy(tmp_path, file: str, old: str, new: str) -> pathlib.Path:
     """A copy of custom_ops/ with `old` replaced by `new` once in
     custom_ops/cuda/`file`; returns the copy's cuda directory."""
     root = tmp_path / "custom_ops"
-    for part in ("cuda", "kernels"):
+    for part in ("cuda", "kernels", "include", "testing"):
         shutil.copytree(SOURCES / part, root / part)
     path = root / "cuda" / file
     text = path.read_text()
@@ -97,8 +97,9 @@ def test_harness_correctness_passes_on_the_simulated_kernels(tmp_path):
     assert "CORRECTNESS VERDICT: PASS" in out, out[-3000:]
     cases = int(re.search(r"== correctness: (\d+) cases", out).group(1))
     assert cases >= 100, out[-3000:]
-    # The emulator (custom_ops/cuda/host/) is a separate implementation of
-    # the same arithmetic: it must equal the real kernel code bit for bit.
+    # The emulator (custom_ops/testing/cuda_emulator/) is a separate
+    # implementation of the same arithmetic: it must equal the real kernel
+    # code bit for bit.
     exact, compared = map(
         int,
         re.search(r"bit-exact \(gemv/reference\): (\d+)/(\d+)", out).groups(),

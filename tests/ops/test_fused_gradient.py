@@ -6,6 +6,8 @@ import pytest
 import tensorflow as tf
 
 from keras_qlora import ops as qops
+from keras_qlora.ops import fused
+from keras_qlora.ops import loader
 from keras_qlora.layers import QLoRADense
 from keras_qlora.layers import QLoRAEinsumDense
 from keras_qlora.quantizers import quantize_nf4
@@ -19,59 +21,54 @@ def lib():
     return lib
 
 
-def _state_args(k, n, double_quant=True, seed=0):
+def _weight(k, n, double_quant=True, seed=0):
     rng = np.random.default_rng(seed)
     state = quantize_nf4(
         rng.standard_normal((k, n)).astype("float32"), 32, double_quant
     )
-    offset = state.absmax_offset
-    return (
-        tf.constant(state.packed),
-        tf.constant(state.absmax),
-        None if state.absmax_scale is None else tf.constant(state.absmax_scale),
-        None if offset is None else tf.constant(np.float32(offset)),
-        state.shape,
-        state.block_size,
+    weight = qops.NF4Tensors.from_state(state)
+    return weight.replace_arrays(
+        None if t is None else tf.constant(t) for t in weight.arrays()
     )
 
 
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_compute_gradient_of_the_fused_op(lib, transpose, double_quant):
-    args = _state_args(37, 11, double_quant)
+    weight = _weight(37, 11, double_quant)
     width = 11 if transpose else 37
     x = tf.constant(
         np.random.default_rng(1).standard_normal((3, width)), tf.float32
     )
 
     def f(inputs):
-        return qops.nf4_matmul(inputs, *args, transpose=transpose)
+        return qops.nf4_matmul(inputs, weight, transpose=transpose)
 
     theoretical, numerical = tf.test.compute_gradient(f, [x], delta=1e-2)
     np.testing.assert_allclose(theoretical[0], numerical[0], atol=2e-2)
 
 
 def test_gradient_inside_tf_function_uses_the_transposed_op(lib):
-    args = _state_args(64, 24)
+    weight = _weight(64, 24)
     x = tf.constant(np.ones((2, 64), "float32"))
 
     @tf.function
     def grad(inputs):
         with tf.GradientTape() as tape:
             tape.watch(inputs)
-            y = qops.nf4_matmul(inputs, *args)
+            y = qops.nf4_matmul(inputs, weight)
         return tape.gradient(y, inputs)
 
     graph = grad.get_concrete_function(x).graph
     fused = [op for op in graph.get_operations() if op.type == qops.OP_TYPE]
     assert [op.get_attr("transpose") for op in fused] == [False, True]
-    expected = qops.nf4_matmul(np.ones((2, 24), "float32"), *args, True)
+    expected = qops.nf4_matmul(np.ones((2, 24), "float32"), weight, True)
     np.testing.assert_allclose(grad(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def _pure(monkeypatch):
-    monkeypatch.setattr(qops, "fused_library", lambda: None)
-    monkeypatch.setattr(qops, "_warned", [True])
+    monkeypatch.setattr(fused, "fused_library", lambda: None)
+    monkeypatch.setattr(loader._state, "warned", True)
 
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])

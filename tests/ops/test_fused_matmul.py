@@ -6,7 +6,7 @@ set is chosen once per process from KERAS_QLORA_CPU_ISA, so the scalar and
 AVX2 kernels (and the crash-safety fuzz) run this file as a worker script in
 subprocesses: `python tests/ops/test_fused_matmul.py cases|fuzz`.
 
-The op library comes from `keras_qlora.ops._library.load()`; when it cannot
+The op library comes from `keras_qlora.ops.loader.load()`; when it cannot
 be built the tests fail, unless KERAS_QLORA_PURE_TF=1 (then they skip).
 """
 
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_qlora.ops import NF4Tensors
 from keras_qlora.ops.reference import nf4_matmul_reference
 from keras_qlora.quantizers import dequantize_nf4
 from keras_qlora.quantizers import quantize_nf4
@@ -74,13 +75,13 @@ def lib():
 
 
 def load_library():
-    from keras_qlora.ops import _library
+    from keras_qlora.ops import loader
 
-    module = _library.load()
+    module = loader.load()
     if module is None:
         if os.environ.get("KERAS_QLORA_PURE_TF") == "1":
             pytest.skip("KERAS_QLORA_PURE_TF=1: the fused op is not loaded")
-        pytest.fail(f"the fused op library did not load: {_library.status()}")
+        pytest.fail(f"the fused op library did not load: {loader.status()}")
     return module
 
 
@@ -157,13 +158,7 @@ def test_matches_pure_reference(lib, transpose, m):
     )
     y = run_op(lib, x, state, transpose)
     expected = nf4_matmul_reference(
-        x,
-        *op_args(state)[:2],
-        state.absmax_scale,
-        state.absmax_offset,
-        state.shape,
-        state.block_size,
-        transpose=transpose,
+        x, NF4Tensors.from_state(state), transpose=transpose
     )
     np.testing.assert_allclose(
         y.numpy(), expected.numpy(), rtol=1e-5, atol=1e-4

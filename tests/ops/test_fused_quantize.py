@@ -5,7 +5,7 @@ path: the kernels read KERAS_QLORA_CPU_ISA on each call, so one process
 runs the scalar, AVX2 and AVX-512 paths (a path the CPU lacks falls back
 to the best one it has).
 
-The op library comes from `keras_qlora.ops._library.load()`; when it cannot
+The op library comes from `keras_qlora.ops.loader.load()`; when it cannot
 be built the tests fail, unless KERAS_QLORA_PURE_TF=1 (then they skip).
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_qlora.ops import _library
+from keras_qlora.ops import loader
 from keras_qlora.ops import quantize as fused_module
 from keras_qlora.ops.quantize import quantize_nf4_fused
 from keras_qlora.quantizers import codes
@@ -31,11 +31,11 @@ InvalidArgumentError = tf.errors.InvalidArgumentError
 def lib():
     if os.environ.get("KERAS_QLORA_PURE_TF") == "1":
         pytest.skip("KERAS_QLORA_PURE_TF=1: the op library is not used")
-    module = _library.load()
+    module = loader.load()
     if module is None:
         pytest.fail(
             "the keras_qlora op library did not build or load: "
-            f"{_library.status()['reason']}"
+            f"{loader.status()['reason']}"
         )
     return module
 
@@ -255,7 +255,7 @@ def test_tf_variable_input(lib):
 
 
 def test_falls_back_to_numpy_without_library(monkeypatch):
-    monkeypatch.setattr(_library, "load", lambda: None)
+    monkeypatch.setattr(loader, "load", lambda: None)
     kernel = random_kernel((37, 19), seed=10)
     assert_same_state(
         fused_module.quantize_nf4_fused(kernel, block_size=32),

@@ -5,7 +5,9 @@ import subprocess
 import sys
 
 from keras_qlora import ops as qops
-from keras_qlora.ops import _library
+from keras_qlora.ops import build
+from keras_qlora.ops import fused
+from keras_qlora.ops import loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
@@ -46,8 +48,8 @@ import tensorflow as tf
 from keras_qlora import ops as qops
 from keras_qlora.quantizers import quantize_nf4
 s = quantize_nf4(np.ones((64, 8), "float32"))
-args = (s.packed, s.absmax, s.absmax_scale, np.float32(s.absmax_offset))
-f = tf.function(lambda x: qops.nf4_matmul(x, *args, s.shape, s.block_size))
+w = qops.NF4Tensors.from_state(s)
+f = tf.function(lambda x: qops.nf4_matmul(x, w))
 y = f(tf.ones((2, 64)))
 print("path:", qops.active_path()[0], float(y[0, 0]))
 """
@@ -70,12 +72,12 @@ def test_first_use_inside_a_traced_function_keeps_the_fused_path():
 def test_cache_key_covers_sources_and_tensorflow(tmp_path, monkeypatch):
     import tensorflow as tf
 
-    key = _library.build_key()
-    assert key == _library.build_key()
+    key = build.build_key()
+    assert key == build.build_key()
     monkeypatch.setattr(tf, "__version__", tf.__version__ + "-other")
-    assert _library.build_key() != key
+    assert build.build_key() != key
     loaded = qops.fused_library() is not None
-    assert _library.status()["loaded"] == loaded
+    assert loader.status()["loaded"] == loaded
 
 
 def test_self_test_covers_every_kernel_family_and_names_a_failure(monkeypatch):
@@ -84,27 +86,46 @@ def test_self_test_covers_every_kernel_family_and_names_a_failure(monkeypatch):
     only for bfloat16 is refused, with the case in the reason."""
     import tensorflow as tf
 
-    lib = _library.load()
+    lib = loader.load()
     assert lib is not None
-    assert {c[3] for c in qops._SELF_TEST_CASES} == {"float32", "bfloat16"}
-    assert {c[4] for c in qops._SELF_TEST_CASES} == {False, True}
+    assert {c[3] for c in fused._SELF_TEST_CASES} == {"float32", "bfloat16"}
+    assert {c[4] for c in fused._SELF_TEST_CASES} == {False, True}
     calls, reasons = [], []
-    monkeypatch.setattr(_library, "mark_failed", reasons.append)
+    monkeypatch.setattr(loader, "mark_failed", reasons.append)
 
     class Spy:
         def keras_q_lo_ra_nf4_matmul(self, x, *args, **kwargs):
             calls.append((x.dtype.name, kwargs["transpose"]))
             return lib.keras_q_lo_ra_nf4_matmul(x, *args, **kwargs)
 
-    assert qops._self_test(Spy()) is True
-    assert len(calls) == len(qops._SELF_TEST_CASES) and not reasons
+    assert fused._self_test(Spy()) is True
+    assert len(calls) == len(fused._SELF_TEST_CASES) and not reasons
 
     class WrongForBfloat16(Spy):
         def keras_q_lo_ra_nf4_matmul(self, x, *args, **kwargs):
             y = super().keras_q_lo_ra_nf4_matmul(x, *args, **kwargs)
             return y * 1.05 if x.dtype == tf.bfloat16 else y
 
-    assert qops._self_test(WrongForBfloat16()) is False
+    assert fused._self_test(WrongForBfloat16()) is False
     assert len(reasons) == 1
     assert "bfloat16 x [24, 64] @ W (W [64, 40])" in reasons[0]
     assert "results differ from the reference" in reasons[0]
+
+
+def test_cache_key_covers_the_shared_format_header(tmp_path, monkeypatch):
+    """The CPU and CUDA code share custom_ops/include/; the CUDA stand-ins
+    of custom_ops/testing/ are not part of the library."""
+    import shutil
+
+    copy = tmp_path / "custom_ops"
+    shutil.copytree(build.source_dir(), copy)
+    monkeypatch.setattr(build, "source_dir", lambda: copy)
+    key = build.build_key()
+    header = copy / "include" / "nf4_format.h"
+    header.write_text(header.read_text() + "\n// changed\n")
+    changed = build.build_key()
+    assert changed != key
+    for stand_in in (copy / "testing").rglob("*.h"):
+        stand_in.write_text(stand_in.read_text() + "\n// changed\n")
+    assert build.build_key() == changed
+    assert not any("testing" in p.parts for p in build.source_files())

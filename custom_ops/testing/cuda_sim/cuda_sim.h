@@ -22,8 +22,8 @@
 // kqsim::CvtRnaTf32 and kqsim::Mma, written from the PTX ISA's fragment
 // tables, independently of the kernels' own fragment index helpers).
 
-#ifndef KERAS_QLORA_CUSTOM_OPS_CUDA_SIM_CUDA_SIM_H_
-#define KERAS_QLORA_CUSTOM_OPS_CUDA_SIM_CUDA_SIM_H_
+#ifndef KERAS_QLORA_CUSTOM_OPS_TESTING_CUDA_SIM_CUDA_SIM_H_
+#define KERAS_QLORA_CUSTOM_OPS_TESTING_CUDA_SIM_CUDA_SIM_H_
 
 #include <cmath>
 #include <cstdint>
@@ -208,4 +208,4 @@ Launcher<P...> MakeLauncher(dim3 grid, dim3 block, void (*kernel)(P...)) {
 #define KQ_LAUNCH(grid, block, stream, ...) \
   ::kqsim::MakeLauncher((grid), (block), &__VA_ARGS__)
 
-#endif  // KERAS_QLORA_CUSTOM_OPS_CUDA_SIM_CUDA_SIM_H_
+#endif  // KERAS_QLORA_CUSTOM_OPS_TESTING_CUDA_SIM_CUDA_SIM_H_

@@ -8,8 +8,8 @@
 //   thread is an OS thread and barriers are mutex + condition variable, so
 //   ThreadSanitizer sees exactly the ordering __syncthreads gives.
 
-#ifndef KERAS_QLORA_CUSTOM_OPS_CUDA_SIM_ENGINE_H_
-#define KERAS_QLORA_CUSTOM_OPS_CUDA_SIM_ENGINE_H_
+#ifndef KERAS_QLORA_CUSTOM_OPS_TESTING_CUDA_SIM_ENGINE_H_
+#define KERAS_QLORA_CUSTOM_OPS_TESTING_CUDA_SIM_ENGINE_H_
 
 #include <cstdint>
 #include <functional>
@@ -49,4 +49,4 @@ int EnvInt(const char* name, int fallback);
 
 }  // namespace kqsim
 
-#endif  // KERAS_QLORA_CUSTOM_OPS_CUDA_SIM_ENGINE_H_
+#endif  // KERAS_QLORA_CUSTOM_OPS_TESTING_CUDA_SIM_ENGINE_H_

@@ -2,8 +2,8 @@
 // nf4_cuda_emulator.cc): number formats, bounds-checked buffers, the
 // emulated kernel environment and the per-kernel entry points.
 
-#ifndef KERAS_QLORA_CUSTOM_OPS_CUDA_HOST_NF4_CUDA_EMULATOR_H_
-#define KERAS_QLORA_CUSTOM_OPS_CUDA_HOST_NF4_CUDA_EMULATOR_H_
+#ifndef KERAS_QLORA_CUSTOM_OPS_TESTING_CUDA_EMULATOR_NF4_CUDA_EMULATOR_H_
+#define KERAS_QLORA_CUSTOM_OPS_TESTING_CUDA_EMULATOR_NF4_CUDA_EMULATOR_H_
 
 #include <cmath>
 #include <cstdint>
@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "../../kernels/nf4_common.h"
-#include "../nf4_cuda_math.h"
+#include "../../include/nf4_format.h"
+#include "../../cuda/nf4_cuda_math.h"
 
 namespace keras_qlora {
 namespace nf4_cuda {
@@ -118,7 +118,7 @@ struct Env {
   float Scale(int64_t block) const {  // LoadScale of the kernels
     if (a.absmax_u8 == nullptr) return absmax_f32[block];
     return DoubleQuantScale(nf4::kDynamicMap[absmax_u8[block]],
-                            nested[block >> 8], offset);
+                            nested[block >> nf4::kNestedBlockShift], offset);
   }
 
   void Store(int split, int64_t row, int64_t col, float v) {
@@ -155,4 +155,4 @@ void Mma(Env& env, bool x_vec);
 }  // namespace nf4_cuda
 }  // namespace keras_qlora
 
-#endif  // KERAS_QLORA_CUSTOM_OPS_CUDA_HOST_NF4_CUDA_EMULATOR_H_
+#endif  // KERAS_QLORA_CUSTOM_OPS_TESTING_CUDA_EMULATOR_NF4_CUDA_EMULATOR_H_

@@ -239,10 +239,11 @@ __attribute__((visibility("default"))) int kq_nf4_emulate(
   env.a.transpose = p.transpose;
   env.x32 = {static_cast<const uint32_t*>(x), m * p.red(), "x"};
   env.x16 = {static_cast<const uint16_t*>(x), m * p.red(), "x"};
-  env.packed = {packed, CeilDiv(count, 2), "packed"};
+  env.packed = {packed, keras_qlora::nf4::PackedBytes(count), "packed"};
   if (absmax_is_u8) {
     env.absmax_u8 = {static_cast<const uint8_t*>(absmax), blocks, "absmax"};
-    env.nested = {absmax_scale, CeilDiv(blocks, 256), "absmax_scale"};
+    env.nested = {absmax_scale, keras_qlora::nf4::NumNestedBlocks(blocks),
+                  "absmax_scale"};
     env.offset = *absmax_offset;
     env.a.absmax_u8 = static_cast<const uint8_t*>(absmax);
   } else {

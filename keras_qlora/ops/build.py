@@ -1,7 +1,8 @@
-"""Building and loading the fused NF4 op library (`_nf4_ops.so`), lazily.
+"""The build system of the fused NF4 op library (`_nf4_ops.so`).
 
-Importing keras_qlora never fails because the library is missing. The first
-`load()` looks for, in order:
+Compiler invocation, cache key and atomic cache writes; loading the library
+into TensorFlow is `keras_qlora.ops.loader`'s job. `find_or_build()` looks
+for, in order:
 
 1. a library built at install time next to this file (`_nf4_ops.so`), if
    its stamp matches the sources, the toolchain and the running TensorFlow;
@@ -23,13 +24,13 @@ same library with the static CUDA runtime, whose symbols stay hidden
 GOOGLE_CUDA=1). Without nvcc the library holds the CPU kernels only;
 `cuda_status()` and `python -m keras_qlora.ops --info` say which.
 
-If building fails, or `KERAS_QLORA_PURE_TF=1`, `load()` returns None and
-`status()` says why; callers then use the pure-TF path. A process loads the
-library at most once (TensorFlow refuses a second copy of the same kernels).
+`custom_ops/testing/` (CPU stand-ins for CUDA, used by tests and the GPU
+harness only) is neither compiled into the library nor part of its key.
 
 This module imports only the standard library at top level (TensorFlow
-lazily): the GPU harness (benchmarks/gpu/) loads it by path, on a machine
-without TensorFlow, to build the standalone CUDA C ABI library.
+lazily): setup.py and the GPU harness (benchmarks/gpu/) load it by path,
+the harness on a machine without TensorFlow, to build the standalone CUDA
+C ABI library.
 """
 
 import fcntl
@@ -43,7 +44,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 
 LIBRARY_NAME = "_nf4_ops.so"
 STAMP_NAME = "_nf4_ops.json"
@@ -70,8 +70,8 @@ NVCC_FLAGS = (
 # The static CUDA runtime needs these system libraries.
 CUDART_LIBS = ("-l:libcudart_static.a", "-ldl", "-lrt", "-lpthread")
 
-_lock = threading.Lock()
-_state = {"module": None, "tried": False, "path": None, "reason": None}
+# Sources under this folder of custom_ops/ are test stand-ins, not the op.
+TESTING_DIR = "testing"
 
 
 def source_dir() -> pathlib.Path:
@@ -89,11 +89,35 @@ def source_dir() -> pathlib.Path:
     )
 
 
+def copy_sources(source: pathlib.Path, target: pathlib.Path) -> list:
+    """Copies the op's sources to `target` (a wheel's `_custom_ops`).
+
+    Everything but `testing/` (the CPU stand-ins for CUDA): a wheel carries
+    what the library is built from, and nothing else.
+
+    Returns:
+        The copied files, relative to `target`, sorted.
+    """
+    source, target = pathlib.Path(source), pathlib.Path(target)
+    shutil.rmtree(target, ignore_errors=True)
+
+    def ignore(folder, names):
+        at_root = pathlib.Path(folder).resolve() == source.resolve()
+        return [n for n in names if at_root and n == TESTING_DIR]
+
+    shutil.copytree(source, target, ignore=ignore)
+    return sorted(
+        str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()
+    )
+
+
 def source_files() -> list:
     """The TensorFlow op sources (.cc with TF headers), not the CUDA ones."""
     root = source_dir()
     return sorted(
-        p for p in root.rglob("*.cc") if "cuda" not in p.relative_to(root).parts
+        p
+        for p in root.rglob("*.cc")
+        if not {"cuda", TESTING_DIR} & set(p.relative_to(root).parts)
     )
 
 
@@ -113,13 +137,18 @@ def cuda_config() -> dict:
     return dict(_cuda_config())
 
 
-def cuda_status() -> str:
-    """One line: whether the library has CUDA kernels, and for what."""
+def cuda_status(library_path=None) -> str:
+    """One line: whether the library has CUDA kernels, and for what.
+
+    Args:
+        library_path: the built library, whose folder may hold the error
+            of a failed CUDA build; None when none is loaded.
+    """
     config = _cuda_config()
     if not config["enabled"]:
         return f"not built ({config['reason']}); CPU kernels only"
-    if _state["path"] is not None:
-        error_file = pathlib.Path(_state["path"]).parent / CUDA_ERROR_NAME
+    if library_path is not None:
+        error_file = pathlib.Path(library_path).parent / CUDA_ERROR_NAME
         if error_file.exists():
             first = error_file.read_text().strip().splitlines()[:1]
             return (
@@ -139,11 +168,11 @@ def build_key() -> str:
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
         # A CPU-only library does not depend on custom_ops/cuda/, and no
-        # library on the CPU emulator or the CPU simulator of the CUDA
-        # kernels (cuda/host/, cuda/sim/).
+        # library on the CUDA stand-ins of custom_ops/testing/. Shared
+        # headers (custom_ops/include/) count for both.
         if "cuda" in relative.parts and not config["enabled"]:
             continue
-        if "host" in relative.parts or "sim" in relative.parts:
+        if relative.parts[0] == TESTING_DIR:
             continue
         if path.suffix in (".cc", ".h", ".cu", ".cuh"):
             digest.update(str(relative).encode())
@@ -291,44 +320,6 @@ def build_cuda_abi_library(
     return output
 
 
-def load():
-    """Returns the loaded op module, or None (see `status()` for why)."""
-    with _lock:
-        if _state["tried"]:
-            return _state["module"]
-        _state["tried"] = True
-        if os.environ.get("KERAS_QLORA_PURE_TF") == "1":
-            _state["reason"] = "KERAS_QLORA_PURE_TF=1 is set"
-            return None
-        try:
-            path = _find_or_build()
-            import tensorflow as tf
-
-            _state["module"] = tf.load_op_library(str(path))
-            _state["path"] = str(path)
-        except Exception as err:  # any failure means: use the pure path
-            _state["reason"] = f"{type(err).__name__}: {err}"
-        return _state["module"]
-
-
-def status() -> dict:
-    """What `load()` found: module loaded, library path, or the reason."""
-    return dict(
-        loaded=_state["module"] is not None,
-        tried=_state["tried"],
-        path=_state["path"],
-        reason=_state["reason"],
-    )
-
-
-def mark_failed(reason: str):
-    """Records that the loaded library must not be used, and why."""
-    with _lock:
-        _state["reason"] = reason
-        _state["path"] = None
-        _state["module"] = None
-
-
 def write_prebuilt(package_ops_dir: pathlib.Path) -> pathlib.Path:
     """Builds the library into the package with a stamp (install time)."""
     package_ops_dir = pathlib.Path(package_ops_dir)
@@ -341,7 +332,12 @@ def write_prebuilt(package_ops_dir: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def _find_or_build() -> pathlib.Path:
+def find_or_build() -> pathlib.Path:
+    """The library for this TensorFlow: prebuilt, cached, or built now.
+
+    Raises:
+        RuntimeError: no compiler, or compiling or linking failed.
+    """
     key = build_key()
     here = pathlib.Path(__file__).resolve().parent
     prebuilt, stamp = here / LIBRARY_NAME, here / STAMP_NAME
