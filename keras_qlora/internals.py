@@ -22,7 +22,7 @@ import importlib
 import keras
 import tensorflow as tf
 
-SUPPORTED = (
+_SUPPORTED = (
     "The supported Keras range (and TensorFlow, keras_hub) is pinned in "
     "keras_qlora's setup.cfg."
 )
@@ -37,7 +37,7 @@ def _changed(what, err=None):
     return KerasInternalsChanged(
         f"keras_qlora needs {what}; this version (keras "
         f"{keras.__version__}, tensorflow {tf.__version__}) changed it"
-        f"{detail}. {SUPPORTED}"
+        f"{detail}. {_SUPPORTED}"
     )
 
 
@@ -62,17 +62,8 @@ def _attr(obj, name, what):
 # Attributes of a layer that hold Keras bookkeeping (the tracker, graph
 # nodes, a Sequential's internal Functional), not the model's structure.
 _BOOKKEEPING_ATTRS = frozenset(
-    {
-        "_tracker",
-        "_layers",
-        "_operations",
-        "_inbound_nodes",
-        "_outbound_nodes",
-        "_functional",
-        "_nodes_by_depth",
-        "_operations_by_depth",
-        "_nodes",
-    }
+    "_tracker _layers _operations _inbound_nodes _outbound_nodes _functional "
+    "_nodes_by_depth _operations_by_depth _nodes".split()
 )
 
 
@@ -191,8 +182,9 @@ def own_variables(layer) -> list:
 
 def forget_own_variables(layer):
     """Empties Keras' lists of the variables `layer` owns (Keras 3.15
-    `Layer._trainable_variables`, `_non_trainable_variables` and the
-    tracker's `stored_ids["variables"]`)."""
+    `Layer._trainable_variables`, `_non_trainable_variables`), and the
+    tracker's `stored_ids["variables"]` where a Keras version has that
+    store (3.15 has none)."""
     for store in ("_trainable_variables", "_non_trainable_variables"):
         variables = getattr(layer, store, None)
         if isinstance(variables, list):

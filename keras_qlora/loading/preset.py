@@ -199,6 +199,7 @@ def _load_weights(model, loader, kind, preset, weight_files):
 
 def _load_transformers(model, backbone, loader, preset):
     import keras_hub
+
     class NamedLoader(internals.safetensor_loader_class()):
         """keras_hub's loader, reading each tensor with a plain read (its
         memory maps keep every shard resident until the end: the whole
