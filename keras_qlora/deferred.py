@@ -8,16 +8,16 @@ variable except the float kernels of the layers that become NF4: those are
 never allocated. Symbolic calls (a Functional model wiring its graph) read
 a deferred variable as a graph placeholder, so building works unchanged.
 
-The private Keras names this needs (`_value`, `_deferred_initialize`, the
-registry of uninitialized variables) are used here and nowhere else.
+The private Keras names this needs (a variable's deferred value and
+initializer, the registry of uninitialized variables) are reached through
+`keras_qlora.internals`.
 """
 
 import contextlib
 
 import keras
-from keras.src.backend.common import global_state
 
-_REGISTRY = "uninitialized_variables"
+from keras_qlora import internals
 
 
 @contextlib.contextmanager
@@ -48,20 +48,20 @@ def deferred_variables():
     finally:
         known = {id(v) for v in before}
         created.extend(v for v in _registry() if id(v) not in known)
-        global_state.set_global_attribute(_REGISTRY, before)
+        internals.set_uninitialized_variables(before)
 
 
 def is_deferred(variable) -> bool:
     """True for a variable created deferred and not yet initialized."""
-    return getattr(variable, "_value", True) is None
+    return internals.is_deferred_variable(variable)
 
 
 def initialize(variables):
     """Allocates and initializes the deferred ones among `variables`."""
     for variable in variables:
         if is_deferred(variable):
-            variable._deferred_initialize()
+            internals.initialize_deferred_variable(variable)
 
 
 def _registry():
-    return global_state.get_global_attribute(_REGISTRY) or []
+    return internals.uninitialized_variables()

@@ -18,6 +18,7 @@ import os
 import keras
 
 from keras_qlora import atomic
+from keras_qlora import internals
 from keras_qlora import ops as qops
 
 _NOT_REGISTERED = "Op type not registered"
@@ -110,8 +111,6 @@ def input_signature(model) -> list:
         ValueError: the model is not built, or neither it nor its base
             model has inputs or a recorded call.
     """
-    from keras.src.export.export_utils import get_input_signature
-
     if not isinstance(model, keras.Model):
         raise TypeError(
             "export expects a keras.Model. Received: "
@@ -128,7 +127,7 @@ def input_signature(model) -> list:
         if not isinstance(candidate, keras.Model):
             continue
         try:
-            return get_input_signature(candidate)
+            return internals.input_signature(candidate)
         except ValueError as err:
             reasons.append(f"'{candidate.name}': {err}")
     raise ValueError(
@@ -257,7 +256,7 @@ def _write_saved_model(model, directory, signature, verbose):
     """
     archive = keras.export.ExportArchive()
     archive.track_and_add_endpoint("serve", model, signature)
-    trackable = getattr(archive, "_tf_trackable", None)
+    trackable = internals.export_archive_trackable(archive)
     for name in ("variables", "trainable_variables", "non_trainable_variables"):
         tracked = getattr(trackable, name, None)
         if tracked is not None:

@@ -13,6 +13,7 @@ import keras
 
 from keras_qlora import convert
 from keras_qlora import deferred
+from keras_qlora import internals
 from keras_qlora import remat
 from keras_qlora import surgery
 from keras_qlora.layers import QLoRALayerBase
@@ -26,7 +27,7 @@ from keras_qlora.wrapper import QLoRAWrapper
 
 
 @keras.saving.register_keras_serializable(package="keras_qlora")
-class QLoRAModel(QLoRAWrapper, keras.Model):
+class QLoRAModel(QLoRAWrapper, internals.SymbolicBuildHook, keras.Model):
     """A model whose linear layers are NF4 and whose targets carry LoRA.
 
     Made by `keras_qlora.apply()`; call, `compile`, `fit`, `evaluate`,
@@ -160,15 +161,13 @@ class QLoRAModel(QLoRAWrapper, keras.Model):
             logs = multi_worker.with_replica_axis(logs)
         return logs
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    def before_symbolic_build(self, iterator, data_batch):
         # See keras_qlora/training/multi_worker.py (keras-team/keras#20585).
         strategy = self.distribute_strategy
         if iterator is not None and multi_worker.is_multi_worker(strategy):
             data_batch = multi_worker.first_local_batch(iterator, strategy)
             iterator = None
-        return super()._maybe_symbolic_build(
-            iterator=iterator, data_batch=data_batch
-        )
+        return iterator, data_batch
 
     def qlora_layers(self, lora_only=False) -> dict:
         """`{path: layer}` of the QLoRA layers, paths as in `summary()`.
@@ -293,8 +292,7 @@ def _forget_traced_functions(base_model):
     for name in ("train_function", "test_function", "predict_function"):
         if getattr(base_model, name, None) is not None:
             setattr(base_model, name, None)
-    if getattr(base_model, "_jit_compile", None):
-        base_model._jit_compile = False
+    internals.turn_off_jit_compile(base_model)
 
 
 def _trim_after_first_call(function):

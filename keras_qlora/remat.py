@@ -8,7 +8,7 @@ a much smaller peak.
 
 How it is switched on for layers that are already built: the block's `call`
 is replaced, on that instance only, by a wrapper around `tf.recompute_grad`.
-Keras' own hook (`layer._remat_mode`, set by `keras.RematScope` when a layer
+Keras' own hook (a layer's remat mode, set by `keras.RematScope` when a layer
 is created) routes the call through `keras.remat` = `tf.recompute_grad` as
 well, but we do not use it, because on TensorFlow it:
 - fails inside `tf.function` (so in `model.fit`) for any layer called with
@@ -35,11 +35,8 @@ import re
 
 import keras
 import tensorflow as tf
-from keras.src import backend
-from keras.src.backend.common import global_state
-from keras.src.backend.common.variables import AutocastScope
-from keras.src.layers.layer import CallContext
 
+from keras_qlora import internals
 from keras_qlora import selectors
 from keras_qlora import surgery
 from keras_qlora.wrapper import unwrap
@@ -254,18 +251,19 @@ def _outermost(entries):
     """Drops entries whose layer lies inside another entry's layer."""
     inner = set()
     for entry in entries:
-        for sub in entry.layer._flatten_layers(include_self=False):
+        for sub in internals.flatten_layers(entry.layer, include_self=False):
             inner.add(id(sub))
     return [e for e in entries if id(e.layer) not in inner]
 
 
 def _refuse_keras_remat(entries):
     for entry in entries:
-        for sub in entry.layer._flatten_layers(include_self=True):
-            if getattr(sub, "_remat_mode", None) is not None:
+        for sub in internals.flatten_layers(entry.layer, include_self=True):
+            mode = internals.remat_mode(sub)
+            if mode is not None:
                 raise ValueError(
                     f"Layer '{entry.path}' contains '{sub.name}', created "
-                    f"under keras.RematScope (mode={sub._remat_mode.mode!r})"
+                    f"under keras.RematScope (mode={mode!r})"
                     "; Keras' own rematerialization fails inside "
                     "tf.function for layers called with keyword arguments "
                     "and would recompute twice. Create the model outside "
@@ -293,7 +291,7 @@ def _checkpointed(layer, call):
         # recompute_grad positionally (tf.custom_gradient takes no keyword
         # arguments in graph mode). Masks, flags and None are closed over.
         where = [i for i, x in enumerate(flat) if _is_float_tensor(x)]
-        masks = [backend.get_keras_mask(flat[i]) for i in where]
+        masks = [internals.get_keras_mask(flat[i]) for i in where]
         replay = _Replay(layer)
 
         def run(*tensors):
@@ -302,7 +300,7 @@ def _checkpointed(layer, call):
                 if mask is not None:
                     # recompute_grad hands the recomputation fresh tensors,
                     # without the `_keras_mask` the forward pass saw.
-                    backend.set_keras_mask(tensor, mask)
+                    internals.set_keras_mask(tensor, mask)
                 leaves[i] = tensor
             call_args, call_kwargs = tf.nest.pack_sequence_as(
                 (args, kwargs), leaves
@@ -322,12 +320,10 @@ def _is_float_tensor(x):
 
 def _seed_generators(layer):
     found = []
-    for sub in layer._flatten_layers(include_self=True):
-        found.extend(getattr(sub, "_seed_generators", []))
+    for sub in internals.flatten_layers(layer, include_self=True):
+        found.extend(internals.layer_seed_generators(sub))
     # Unseeded random ops (seed=None) draw from Keras' global generator.
-    global_generator = global_state.get_global_attribute(
-        "global_seed_generator"
-    )
+    global_generator = internals.global_seed_generator()
     if global_generator is not None:
         found.append(global_generator)
     return found
@@ -343,14 +339,8 @@ class _Replay:
 
     def __init__(self, layer):
         self.layer = layer
-        autocast = global_state.get_global_attribute("autocast_scope")
-        self.autocast_dtype = None if autocast is None else autocast.dtype
-        context = global_state.get_global_attribute("current_call_ctx")
-        self.context = {
-            key: value
-            for key, value in (vars(context) if context else {}).items()
-            if key != "entry_layer"
-        }
+        self.autocast_dtype = internals.autocast_dtype()
+        self.context = internals.call_context_values()
         # Snapshot (not a reference): the forward pass advances the state.
         self.seeds = [
             (g.state, tf.identity(g.state.value))
@@ -364,18 +354,12 @@ class _Replay:
             self.forward_done = True
             yield
             return
-        previous = global_state.get_global_attribute("current_call_ctx")
-        context = CallContext(entry_layer=self.layer)
-        for key, value in self.context.items():
-            context.set_value(key, value)
-        global_state.set_global_attribute("current_call_ctx", context)
-        try:
-            with (
-                AutocastScope(self.autocast_dtype),
-                keras.StatelessScope(
-                    state_mapping=self.seeds, initialize_variables=False
-                ),
-            ):
-                yield
-        finally:
-            global_state.set_global_attribute("current_call_ctx", previous)
+        with (
+            internals.call_context(
+                self.layer, self.context, self.autocast_dtype
+            ),
+            keras.StatelessScope(
+                state_mapping=self.seeds, initialize_variables=False
+            ),
+        ):
+            yield

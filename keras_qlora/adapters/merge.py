@@ -33,8 +33,8 @@ import warnings
 import keras
 import numpy as np
 from keras import ops
-from keras.src.layers.core.einsum_dense import _analyze_einsum_string
 
+from keras_qlora import internals
 from keras_qlora import surgery
 from keras_qlora.adapters import named
 from keras_qlora.layers import QLoRADense
@@ -293,7 +293,7 @@ def _einsum_shapes(layer):
 
 def _called_input_shape(layer):
     """The input shape a layer of a Functional graph is called with."""
-    nodes = getattr(layer, "_inbound_nodes", None) or []
+    nodes = internals.inbound_nodes(layer)
     tensors = nodes[0].input_tensors if nodes else []
     return tuple(tensors[0].shape) if len(tensors) == 1 else None
 
@@ -310,7 +310,7 @@ def _check_convertible(entry):
             "can be merged into stock Keras layers."
         )
     output_shape, input_shape = _einsum_shapes(layer)
-    kernel_shape, bias_shape, *_ = _analyze_einsum_string(
+    kernel_shape, bias_shape, *_ = internals.analyze_einsum_string(
         layer.equation,
         layer.bias_axes,
         _called_input_shape(layer) or input_shape,

@@ -21,6 +21,7 @@ a saved optimizer; a model saved compiled with another adapter than
 
 import numpy as np
 
+from keras_qlora import internals
 from keras_qlora import surgery
 from keras_qlora.layers.adapter_slots import DEFAULT_ADAPTER
 from keras_qlora.layers.adapter_slots import check_adapter_name
@@ -191,9 +192,7 @@ def module_variables(model) -> dict:
             (f"{path}/{e.path}", e.layer) for e in surgery.walk(root)
         ]
         for sub_path, layer in subs:
-            own = list(layer._trainable_variables)
-            own += list(layer._non_trainable_variables)
-            for variable in own:
+            for variable in internals.own_variables(layer):
                 key = f"{sub_path}/{variable.name}"
                 if key in out:
                     raise ValueError(

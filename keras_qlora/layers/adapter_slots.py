@@ -8,6 +8,8 @@ All pairs have the layer's rank, alpha and dropout.
 
 import re
 
+from keras_qlora import internals
+
 # The adapter whose pair is the layer's own `lora_a` / `lora_b`.
 DEFAULT_ADAPTER = "default"
 # Names end up in variable names, attribute names and file keys.
@@ -65,15 +67,10 @@ class AdapterSlotsMixin:
             )
         # A built layer locks its state; Keras' own enable_lora() lifts the
         # lock around adding its LoRA weights in the same way.
-        was_locked = self._tracker.locked
-        self._tracker.unlock()
-        try:
+        with internals.unlocked_state(self):
             lora_a, lora_b = self._add_lora_pair(f"_{name}", trainable=False)
             setattr(self, f"lora_a_{name}", lora_a)
             setattr(self, f"lora_b_{name}", lora_b)
-        finally:
-            if was_locked:
-                self._tracker.lock()
         self._extra_adapters = tuple(sorted(self._extra_adapters + (name,)))
 
     def set_adapter_state(self, active=None, enabled=None):

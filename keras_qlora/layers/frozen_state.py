@@ -14,7 +14,8 @@ worker. Under single-worker strategies (MirroredStrategy) nothing changes.
 import contextlib
 
 import tensorflow as tf
-from tensorflow.python.ops import resource_variable_ops
+
+from keras_qlora import internals
 
 # Dtypes the collective broadcast of initial values cannot carry.
 _NOT_BROADCASTABLE = (tf.uint8, tf.int8, tf.uint16, tf.int16)
@@ -33,9 +34,8 @@ def frozen_variable_scope():
 def _multi_worker():
     if not tf.distribute.has_strategy():
         return False
-    extended = tf.distribute.get_strategy().extended
     # Collective strategies expose the worker count; others are local.
-    return getattr(extended, "_num_workers", 1) > 1
+    return internals.num_workers(tf.distribute.get_strategy()) > 1
 
 
 def _local_creator(next_creator, **kwargs):
@@ -49,9 +49,8 @@ def _local_creator(next_creator, **kwargs):
         )
     # Constructing the variable class directly skips the strategy's
     # creator (and so its broadcast).
-    return resource_variable_ops.ResourceVariable(
+    return internals.local_resource_variable(
         initial_value=kwargs.get("initial_value"),
-        trainable=False,
         name=kwargs.get("name"),
         dtype=dtype,
         shape=kwargs.get("shape"),

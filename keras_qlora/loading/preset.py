@@ -19,6 +19,7 @@ import os
 
 from keras_qlora import convert
 from keras_qlora import deferred
+from keras_qlora import internals
 from keras_qlora import rewrite
 from keras_qlora.loading import capture
 from keras_qlora.loading import files
@@ -151,10 +152,8 @@ def _check_model_class(model_class):
 
 def _preset_loader(preset, kind, config):
     """keras_hub's loader for the preset (it knows the converters)."""
-    from keras_hub.src.utils.preset_utils import get_preset_loader
-
     try:
-        return get_preset_loader(preset)
+        return internals.preset_loader(preset)
     except ValueError as err:
         if kind == "transformers":
             raise ValueError(
@@ -195,11 +194,8 @@ def _load_weights(model, loader, kind, preset, weight_files):
 
 def _load_transformers(model, backbone, loader, preset):
     import keras_hub
-    from keras_hub.src.utils.transformers.safetensor_utils import (
-        SafetensorLoader,
-    )
 
-    class NamedLoader(SafetensorLoader):
+    class NamedLoader(internals.safetensor_loader_class()):
         """keras_hub's loader, reading each tensor with a plain read (its
         memory maps keep every shard resident until the end: the whole
         checkpoint in RSS) and naming the tensor in any error."""
@@ -261,4 +257,4 @@ def _load_keras(model, backbone, loader, preset):
         if os.path.isfile(task_weights) and os.path.isfile(task_config):
             files.check_h5(task_weights)
             model.load_task_weights(task_weights)
-    loader._load_backbone_weights(backbone)
+    internals.load_backbone_weights(loader, backbone)

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_qlora import internals
 from keras_qlora.quantizers import codes
 
 # Tables as float32 numpy constants; turned into tensors inside the step so
@@ -30,7 +31,7 @@ _UNSIGNED_MIDS = codes.unsigned_dynamic_map_midpoints()
 
 _DEFAULT_BLOCK_SIZE = 256
 _DEFAULT_MIN_8BIT_SIZE = 4096
-# Values per fused update (see `_distributed_tf_update_step`): bounds its
+# Values per fused update (see `batched_update`): bounds its
 # float32 temporaries (the concatenated gradient, moments and step, ~10
 # buffers) to ~40 MB whatever the number of LoRA parameters.
 _FUSED_GROUP_SIZE = 1 << 20
@@ -112,7 +113,7 @@ def _unblock(blocks, size: int):
 
 
 @keras.saving.register_keras_serializable(package="keras_qlora")
-class AdamW8bit(keras.optimizers.Optimizer):
+class AdamW8bit(internals.OptimizerStepHooks, keras.optimizers.Optimizer):
     """Adam/AdamW with block-wise 8-bit moments (bitsandbytes' Adam8bit).
 
     The update is Keras' `AdamW` (`Adam` when `weight_decay=None`) to the
@@ -196,7 +197,7 @@ class AdamW8bit(keras.optimizers.Optimizer):
             return
         super().build(var_list)
         # One entry per variable (None where not used), indexed like
-        # `_get_variable_index`.
+        # `internals.variable_index`.
         self._m_codes, self._m_absmax = [], []
         self._v_codes, self._v_absmax = [], []
         self._m_float, self._v_float = [], []
@@ -216,7 +217,8 @@ class AdamW8bit(keras.optimizers.Optimizer):
             ValueError: if the optimizer is not built yet.
         """
         self._require_built("is_8bit")
-        return self._m_codes[self._get_variable_index(variable)] is not None
+        index = internals.variable_index(self, variable)
+        return self._m_codes[index] is not None
 
     def state_bytes(self) -> int:
         """Bytes held by the moment state (codes, absmax, float moments).
@@ -248,22 +250,21 @@ class AdamW8bit(keras.optimizers.Optimizer):
                     total += math.prod(v.shape) * itemsize.itemsize
         return total
 
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+    @contextlib.contextmanager
+    def update_step_scope(self):
+        """Entered around each step's update of all variables."""
         # The step size is the same for every variable of a step: compute it
         # once per step (per traced graph) rather than once per variable.
         # Every op per variable is a graph node that the traced train step
         # keeps in memory, and this optimizer already adds many.
         self._alpha_cache = {}
         try:
-            super()._backend_update_step(
-                grads, trainable_variables, learning_rate
-            )
+            yield
         finally:
             self._alpha_cache = None
 
-    def _distributed_tf_update_step(
-        self, distribution, grads_and_vars, learning_rate
-    ):
+    def batched_update(self, grads_and_vars, learning_rate) -> bool:
+        """Updates all variables at once; False leaves it to Keras."""
         # Keras updates one variable at a time, each with its own copy of
         # the update's ops: about 100 graph nodes per 8-bit variable, over
         # half the nodes of a QLoRA train step, and every node of the traced
@@ -277,10 +278,9 @@ class AdamW8bit(keras.optimizers.Optimizer):
         # so the result is the same, value for value, as the per-variable
         # update.
         if tf.distribute.has_strategy() or not self._fused_update_enabled:
-            return super()._distributed_tf_update_step(
-                distribution, grads_and_vars, learning_rate
-            )
+            return False
         self._fused_update_step(grads_and_vars, learning_rate)
+        return True
 
     # Class attribute, so that tests can compare with the per-variable path.
     _fused_update_enabled = True
@@ -289,7 +289,7 @@ class AdamW8bit(keras.optimizers.Optimizer):
         alpha = self._step_size(learning_rate)
         eight, small = [], []
         for grad, var in grads_and_vars:
-            index = self._get_variable_index(var)
+            index = internals.variable_index(self, var)
             grad = tf.cast(tf.convert_to_tensor(grad), tf.float32)
             if self._m_codes[index] is not None:
                 eight.append((grad, var, index))
@@ -399,7 +399,7 @@ class AdamW8bit(keras.optimizers.Optimizer):
 
     def _step_size(self, learning_rate):
         """`lr * sqrt(1 - b2^t) / (1 - b1^t)`, shared within one step."""
-        # None outside `_backend_update_step` (a direct `update_step` call).
+        # None outside `update_step_scope` (a direct `update_step` call).
         cache = getattr(self, "_alpha_cache", None)
         if cache and "alpha" in cache:
             return cache["alpha"]
@@ -415,7 +415,7 @@ class AdamW8bit(keras.optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         """One Adam/AdamW step for `variable` (weight decay is applied before
         this by the base optimizer, as for `keras.optimizers.AdamW`)."""
-        index = self._get_variable_index(variable)
+        index = internals.variable_index(self, variable)
         gradient = ops.cast(ops.convert_to_tensor(gradient), "float32")
         alpha = self._step_size(learning_rate)
 
@@ -498,7 +498,7 @@ class AdamW8bit(keras.optimizers.Optimizer):
         config.pop("name", None)
         # Keep the schedule or callable object itself rather than its
         # serialized form (a plain callable may not serialize at all).
-        schedule = optimizer._learning_rate
+        schedule = internals.learning_rate_setting(optimizer)
         if not isinstance(schedule, keras.Variable) and callable(schedule):
             config["learning_rate"] = schedule
         if config.get("amsgrad"):
@@ -512,7 +512,7 @@ class AdamW8bit(keras.optimizers.Optimizer):
 
     def _add_state(self, variable) -> dict:
         """Creates the state variables of one model variable by role."""
-        if self._overwrite_variable_with_gradient(variable):
+        if internals.overwrites_with_gradient(self, variable):
             return {}
         size = math.prod(variable.shape)
         # Named like Keras' own slots (`add_variable_from_reference`).
@@ -540,7 +540,7 @@ class AdamW8bit(keras.optimizers.Optimizer):
     def _colocated_with(self, variable):
         # Under tf.distribute, keep the state on the devices of its variable,
         # as Keras' TF optimizer does for `add_variable_from_reference`.
-        strategy = getattr(self, "_distribution_strategy", None)
+        strategy = internals.optimizer_strategy(self)
         if strategy is None:
             return contextlib.nullcontext()
         value = (

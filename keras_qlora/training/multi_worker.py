@@ -18,17 +18,19 @@ any other strategy nothing changes.
 
 import tensorflow as tf
 
+from keras_qlora import internals
+
 
 def is_multi_worker(strategy) -> bool:
     """Whether `strategy` is a collective strategy over several workers."""
-    return getattr(strategy.extended, "_num_workers", 1) > 1
+    return internals.num_workers(strategy) > 1
 
 
 def first_local_batch(iterator, strategy):
     """The first replica's part of the iterator's next batch (shapes only).
 
     `iterator` is Keras' epoch iterator, as passed to
-    `_maybe_symbolic_build`.
+    `before_symbolic_build`.
     """
     for _, _, data_iterator in iterator:
         batch = next(data_iterator)

@@ -22,6 +22,8 @@ runs (the slots are still placed on the host device explicitly).
 import keras
 import tensorflow as tf
 
+from keras_qlora import internals
+
 # Optimizers whose state is one set of slots per variable, updated
 # elementwise: these can be moved to the host unchanged.
 _SUPPORTED = (
@@ -107,7 +109,8 @@ class HostOffloadOptimizer(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
-        return self._variables + self.inner_optimizer.variables
+        own = internals.optimizer_own_variables(self)
+        return own + self.inner_optimizer.variables
 
     @property
     def learning_rate(self):

@@ -11,7 +11,8 @@ variables alone.
 
 import keras
 import tensorflow as tf
-from keras.src.losses.loss import unscale_loss_for_distribution
+
+from keras_qlora import internals
 
 
 def trained_variables(model, frozen_ids):
@@ -55,7 +56,8 @@ def lora_train_step(model, data, variables):
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch([v.value for v in variables])
         y_pred = model(x, training=True)
-        loss = model._compute_loss(
+        loss = internals.compute_loss(
+            model,
             x=x,
             y=y,
             y_pred=y_pred,
@@ -63,9 +65,7 @@ def lora_train_step(model, data, variables):
             training=True,
         )
         batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))
-        model._loss_tracker.update_state(
-            unscale_loss_for_distribution(loss), sample_weight=batch[0]
-        )
+        internals.track_loss(model, loss, batch_size=batch[0])
         loss = model.optimizer.scale_loss(loss)
     grads = tape.gradient(loss, variables)
     model.optimizer.apply(grads, variables)
