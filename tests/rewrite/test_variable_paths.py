@@ -105,7 +105,9 @@ def test_apply_keeps_the_replaced_layers_paths(family):
 def test_named_query_path_in_gpt2():
     model = _apply(_backbone("gpt2"))
     query = model.qlora_layers()["transformer_layer_0/self_attention/query"]
-    assert query.lora_a.path == "transformer_layer_0/self_attention/query/lora_a"
+    assert query.lora_a.path == (
+        "transformer_layer_0/self_attention/query/lora_a"
+    )
 
 
 def test_add_adapter_and_keras_round_trip(tmp_path):
