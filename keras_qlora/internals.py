@@ -603,3 +603,21 @@ def load_backbone_weights(loader, backbone):
         "keras_hub's KerasPresetLoader._load_backbone_weights()",
     )
     function(backbone)
+
+
+# -- variable paths (layers/paths.py) -----------------------------------------
+
+
+def parent_path(layer):
+    """The name-scope path Keras recorded above `layer`, or None: Keras
+    3.15 sets `Layer._parent_path` (None in `Layer.__init__`) the first
+    time the layer opens its name scope."""
+    return _attr(layer, "_parent_path", "Keras' Layer._parent_path")
+
+
+def set_parent_path(layer, path):
+    """Makes `layer` open its name scope, so create its variables, under
+    `path` (Keras 3.15 `name_scope(..., caller=layer)` starts from
+    `Layer._parent_path` when it is set)."""
+    _attr(layer, "_parent_path", "Keras' Layer._parent_path")
+    layer._parent_path = path

@@ -883,6 +883,7 @@ _PRIVATE_NAMES = frozenset(
         "_operations_by_depth",
         "_outbound_nodes",
         "_outputs",
+        "_parent_path",
         "_overwrite_variable_with_gradient",
         "_remat_mode",
         "_seed_generators",
@@ -983,3 +984,30 @@ def test_private_name_scan_finds_uses(tmp_path):
     )
     lines = [line for line, _ in _private_uses(path, _PRIVATE_NAMES)]
     assert lines == [1, 5, 2, 3]
+
+
+def test_parent_path():
+    layer = keras.layers.Dense(2, name="d")
+    assert internals.parent_path(layer) is None, (
+        "Keras/TF behaviour changed: Layer._parent_path is no longer None "
+        "before the layer opens its name scope. Update "
+        "keras_qlora.internals.parent_path"
+    )
+    with keras.name_scope("outer"):
+        layer(np.ones((1, 3), "float32"))
+    assert internals.parent_path(layer) == "outer", (
+        "Keras/TF behaviour changed: Layer._parent_path no longer records "
+        "the scope a layer was first called in. Update "
+        "keras_qlora.internals.parent_path"
+    )
+
+
+def test_set_parent_path():
+    layer = keras.layers.Dense(2, name="d")
+    internals.set_parent_path(layer, "block_0/attention")
+    layer.build((None, 3))
+    assert layer.kernel.path == "block_0/attention/d/kernel", (
+        "Keras/TF behaviour changed: a layer no longer creates its variables "
+        "under Layer._parent_path. Update keras_qlora.internals."
+        "set_parent_path"
+    )

@@ -41,6 +41,7 @@ from keras_qlora.layers import QLoRADense
 from keras_qlora.layers import QLoRAEinsumDense
 from keras_qlora.layers import QLoRALayerBase
 from keras_qlora.layers.adapter_slots import check_adapter_name
+from keras_qlora.layers.paths import adopt_parent_path
 from keras_qlora.ops.quantize import quantize_nf4_fused
 from keras_qlora.quantizers import NF4State
 from keras_qlora.quantizers import dequantize_nf4
@@ -254,6 +255,7 @@ def _stock_layer(layer, kernel_2d):
         new = keras.layers.EinsumDense(
             layer.equation, output_shape, bias_axes=layer.bias_axes, **common
         )
+        adopt_parent_path(new, layer)
         called = _called_input_shape(layer)
         new.build(called or input_shape)
         if called is None and layer.plan.ellipsis:
@@ -263,6 +265,7 @@ def _stock_layer(layer, kernel_2d):
         kernel = ops.convert_to_numpy(layer.plan.kernel_from_2d(kernel_2d))
     else:
         new = keras.layers.Dense(layer.units, use_bias=layer.use_bias, **common)
+        adopt_parent_path(new, layer)
         new.build((None, layer.kernel_2d_shape[0]))
         kernel = kernel_2d
     new.kernel.assign(kernel)

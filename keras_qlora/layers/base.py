@@ -20,6 +20,7 @@ from keras_qlora.layers.adapter_slots import DEFAULT_ADAPTER
 from keras_qlora.layers.adapter_slots import AdapterSlotsMixin
 from keras_qlora.layers.adapter_slots import check_adapter_name
 from keras_qlora.layers.frozen_state import frozen_variable_scope
+from keras_qlora.layers.paths import adopt_parent_path
 from keras_qlora.ops.quantize import quantize_nf4_fused
 from keras_qlora.quantizers import NF4State
 from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
@@ -265,6 +266,7 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
             kwargs = {}
         new = cls.check_source(layer, settings, check_values=False, **kwargs)
         value = check_source_kernel(layer, layer.kernel) if quantize else None
+        adopt_parent_path(new, layer)
         new.build(new._source_input_shape(layer))
         if quantize:
             new.set_nf4_state(new.quantize_kernel(value))

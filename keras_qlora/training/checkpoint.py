@@ -290,30 +290,63 @@ def _describe(variables, model):
     path by the variable's position among `model.trainable_variables`, so
     it is the same for the same model built in another session.
     """
-    paths = sorted(
-        (
-            (v.path.replace("/", "_"), i)
-            for i, v in enumerate(model.trainable_variables)
-        ),
-        key=lambda item: -len(item[0]),
-    )
-
-    def role(name):
-        for path, i in paths:
-            if path in name:
-                return name.replace(path, f"<trainable {i}>", 1)
-        return name
-
+    paths = [v.path for v in model.trainable_variables]
+    roles = _roles([v.name for v in variables], paths)
     return [
         {
             "index": i,
             "name": v.name,
-            "role": role(v.name),
+            "role": role,
             "shape": [int(d) for d in v.shape],
             "dtype": keras.backend.standardize_dtype(v.dtype),
         }
-        for i, v in enumerate(variables)
+        for i, (v, role) in enumerate(zip(variables, roles, strict=True))
     ]
+
+
+def _roles(names, paths):
+    """Each name with the longest trainable path in it made `<trainable i>`."""
+    ordered = sorted(
+        ((path.replace("/", "_"), i) for i, path in enumerate(paths)),
+        key=lambda item: -len(item[0]),
+    )
+
+    def role(name):
+        for path, i in ordered:
+            if path in name:
+                return name.replace(path, f"<trainable {i}>", 1)
+        return name
+
+    return [role(name) for name in names]
+
+
+def _legacy_roles(variables, model):
+    """The roles a checkpoint written before QLoRA variables kept their
+    float layer's path holds.
+
+    A QLoRA layer's variables were then `<layer name>/<variable>`
+    (`query/lora_a` in every block), and so were the optimizer slots named
+    after them: the roles are computed with those paths and names.
+    """
+    qlora = {
+        id(v) for layer in model.qlora_layers().values() for v in layer.weights
+    }
+    paths, renames = [], []
+    for v in model.trainable_variables:
+        old = "/".join(v.path.split("/")[-2:]) if id(v) in qlora else v.path
+        paths.append(old)
+        if old != v.path:
+            renames.append((v.path.replace("/", "_"), old.replace("/", "_")))
+    renames.sort(key=lambda item: -len(item[0]))
+    names = []
+    for v in variables:
+        name = v.name
+        for new, old in renames:
+            if new in name:
+                name = name.replace(new, old, 1)
+                break
+        names.append(name)
+    return _roles(names, paths)
 
 
 def _refuse_non_finite(variables, values):
@@ -393,6 +426,7 @@ def _read_optimizer(path, state, variables, model):
             f"{source} is not a readable safetensors file ({err})."
         ) from None
     saved, current = state["optimizer"], _describe(variables, model)
+    legacy = _legacy_roles(variables, model)
     if len(saved) != len(current) or len(tensors) != len(current):
         raise ValueError(
             f"The checkpoint's optimizer has {len(saved)} variables; this "
@@ -400,14 +434,17 @@ def _read_optimizer(path, state, variables, model):
             "optimizer and apply() settings."
         )
     values = []
-    for want, got in zip(current, saved, strict=True):
+    for want, got, old_role in zip(current, saved, legacy, strict=True):
         if not isinstance(got, dict):
             raise ValueError(
                 f"{os.path.join(path, STATE_FILE)}: each 'optimizer' entry "
                 f"must be an object. Received: {got!r}"
             )
-        keys = ("index", "role", "shape", "dtype")
-        if any(got.get(k) != want[k] for k in keys):
+        keys = ("index", "shape", "dtype")
+        if any(got.get(k) != want[k] for k in keys) or got.get("role") not in (
+            want["role"],
+            old_role,
+        ):
             raise ValueError(
                 f"Optimizer variable {want['index']} differs: the checkpoint "
                 f"has {got}, this optimizer has {want}."

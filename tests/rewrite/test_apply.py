@@ -89,11 +89,13 @@ def test_sequential_all_linear_with_lora_on_targets():
     assert sorted(layers) == ["out", "query", "value"]
     assert layers["query"].rank == 4 and layers["value"].rank == 4
     assert layers["out"].rank is None
+    # Under the Sequential's name scope, as the float kernels were.
+    base = model.name
     assert [v.path for v in q.trainable_variables] == [
-        "query/lora_a",
-        "query/lora_b",
-        "value/lora_a",
-        "value/lora_b",
+        f"{base}/query/lora_a",
+        f"{base}/query/lora_b",
+        f"{base}/value/lora_a",
+        f"{base}/value/lora_b",
     ]
     assert q.qlora_report["unmatched_targets"] == ["key"]
 
