@@ -144,3 +144,51 @@ def test_model_is_recognized_without_importing_it():
         m for m, edges in graph.items() if "keras_qlora.model" in edges
     )
     assert set(importers) <= {"keras_qlora", "keras_qlora.rewrite"}, importers
+
+
+# The layers of docs/architecture.md, bottom first: a module may import
+# modules of lower layers, and modules of its own package.
+LAYERS = [
+    ["internals", "wrapper", "atomic", "quantizers"],
+    ["ops", "settings", "deferred", "surgery"],
+    ["layers"],
+    ["convert"],
+    ["selectors", "report", "export"],
+    ["remat"],
+    ["adapters"],
+    ["training"],
+    ["model"],
+    ["rewrite"],
+    ["interop", "loading"],
+]
+
+
+def _layer_of(module):
+    top = module.split(".")[1] if module.count(".") else None
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    return None
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(
+        m for m in MODULES if m != "keras_qlora" and _layer_of(m) is None
+    )
+    assert not missing, f"add {missing} to LAYERS and docs/architecture.md"
+
+
+def test_imports_point_down():
+    graph = _graph()
+    upward = []
+    for module, edges in graph.items():
+        if module == "keras_qlora":
+            continue
+        here = _layer_of(module)
+        package = module.split(".")[:2]
+        for target in edges:
+            if target == "keras_qlora" or target.split(".")[:2] == package:
+                continue
+            if _layer_of(target) >= here:
+                upward.append(f"{module} -> {target}")
+    assert not upward, "imports that do not point down: " + ", ".join(upward)
