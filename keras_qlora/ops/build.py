@@ -13,6 +13,15 @@ for, in order:
    writing to a temporary file that is renamed into place (so concurrent
    processes never load a half-written library).
 
+Every library is recorded with its size and SHA-256 (`_nf4_ops.json`,
+written atomically after the library) and checked against that record
+before it is returned: a truncated or replaced file (loading one can kill
+the process with SIGBUS inside `tf.load_op_library`) is rebuilt, or, if
+that fails, the pure TensorFlow path runs. A CUDA build that failed for a
+reason that may pass (disk full, a killed compiler, out of memory) is
+retried by the next process instead of leaving a CPU-only library cached
+under the CUDA-enabled key for good.
+
 CUDA: when nvcc is found (`$KERAS_QLORA_NVCC`, PATH, `$CUDA_HOME/bin`,
 `/usr/local/cuda/bin`) and `KERAS_QLORA_CUDA` is not "0", the kernels of
 `custom_ops/cuda/*.cu` are compiled with nvcc for `$KERAS_QLORA_CUDA_ARCHS`
@@ -326,9 +335,7 @@ def write_prebuilt(package_ops_dir: pathlib.Path) -> pathlib.Path:
     path = build(package_ops_dir / LIBRARY_NAME)
     # The CUDA archive is linked in already; wheels need not carry it.
     (package_ops_dir / CUDA_ARCHIVE_NAME).unlink(missing_ok=True)
-    _atomic_write(
-        package_ops_dir / STAMP_NAME, json.dumps({"key": build_key()})
-    )
+    _write_record(path, build_key())
     return path
 
 
@@ -340,21 +347,26 @@ def find_or_build() -> pathlib.Path:
     """
     key = build_key()
     here = pathlib.Path(__file__).resolve().parent
-    prebuilt, stamp = here / LIBRARY_NAME, here / STAMP_NAME
-    if prebuilt.exists() and stamp.exists():
-        try:
-            if json.loads(stamp.read_text()).get("key") == key:
-                return prebuilt
-        except (OSError, ValueError):
-            pass
+    prebuilt = here / LIBRARY_NAME
+    if prebuilt.exists() and verify(prebuilt, key) is None:
+        return prebuilt
     target = cache_dir() / key / LIBRARY_NAME
-    if target.exists():
+    if target.exists() and verify(target, key) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / "build.lock", "w") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
-            if not target.exists():  # another process may have built it
+            # Another process may have built it meanwhile.
+            problem = verify(target, key) if target.exists() else "missing"
+            if problem is not None:
+                if problem != "missing":
+                    print(
+                        f"keras_qlora: the cached op library {target} is "
+                        f"not the one built ({problem}); rebuilding it.",
+                        file=sys.stderr,
+                    )
+                (target.parent / STAMP_NAME).unlink(missing_ok=True)
                 config = _cuda_config()
                 what = (
                     f"with CUDA kernels: {config['reason']}"
@@ -367,9 +379,65 @@ def find_or_build() -> pathlib.Path:
                     file=sys.stderr,
                 )
                 build(target)
+                _write_record(target, key)
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
     return target
+
+
+def verify(library: pathlib.Path, key: str):
+    """Checks `library` against its record (`_nf4_ops.json` beside it).
+
+    Returns:
+        None when its key, size and SHA-256 match the record and the build
+        is final; else a short reason (no record, another key, wrong size
+        or hash, a CUDA build to retry).
+    """
+    library = pathlib.Path(library)
+    try:
+        record = json.loads((library.parent / STAMP_NAME).read_text())
+    except (OSError, ValueError):
+        return "no record of its build"
+    if not isinstance(record, dict) or record.get("key") != key:
+        return "built for other sources or another TensorFlow"
+    size = library.stat().st_size
+    if size != record.get("size"):
+        return f"{size} bytes, {record.get('size')} were written"
+    if _sha256(library) != record.get("sha256"):
+        return "its SHA-256 differs from the one written"
+    if record.get("retry_cuda"):
+        return "its CUDA kernels failed to build for a reason that may pass"
+    return None
+
+
+def _write_record(library: pathlib.Path, key: str):
+    """Records `library`'s key, size and SHA-256 beside it (atomically,
+    after the library itself is in place)."""
+    error = library.parent / CUDA_ERROR_NAME
+    retry = error.exists() and bool(_TRANSIENT.search(error.read_text()))
+    record = {
+        "key": key,
+        "size": library.stat().st_size,
+        "sha256": _sha256(library),
+        "retry_cuda": retry,
+    }
+    _atomic_write(library.parent / STAMP_NAME, json.dumps(record))
+
+
+# CUDA build errors that may not happen again: retried by the next process.
+_TRANSIENT = re.compile(
+    r"No space left on device|Killed|signal \d+|Cannot allocate memory|"
+    r"Resource temporarily unavailable|Disk quota exceeded",
+    re.IGNORECASE,
+)
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- CUDA

@@ -23,6 +23,7 @@ import threading
 import keras
 
 from keras_qlora.ops import loader
+from keras_qlora.ops.checks import check_inputs
 from keras_qlora.ops.reference import nf4_matmul_reference
 from keras_qlora.ops.tensors import NF4Tensors
 from keras_qlora.quantizers import NF4State
@@ -164,6 +165,8 @@ def nf4_matmul(x, weight, transpose=False):
 
     Raises:
         TypeError: `weight` is neither, or an input has a wrong dtype.
+        ValueError: shapes or the block size do not fit (`ops/checks.py`:
+            the same checks and messages on the fused and pure paths).
 
     Example:
     >>> import numpy as np
@@ -174,6 +177,7 @@ def nf4_matmul(x, weight, transpose=False):
     """
     weight = _as_tensors(weight)
     _check_dtypes(x, *weight.arrays())
+    check_inputs(x, weight, transpose)
     # Under reference_path(): plain ops, without the custom-gradient
     # wrapper, which is slow to trace and adds gradient functions to
     # exported graphs.

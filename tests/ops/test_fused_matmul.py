@@ -10,6 +10,7 @@ The op library comes from `keras_qlora.ops.loader.load()`; when it cannot
 be built the tests fail, unless KERAS_QLORA_PURE_TF=1 (then they skip).
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_qlora import ops as qops
 from keras_qlora.ops import NF4Tensors
 from keras_qlora.ops.reference import nf4_matmul_reference
 from keras_qlora.quantizers import dequantize_nf4
@@ -419,3 +421,50 @@ def worker_fuzz(examples=150):
 
 if __name__ == "__main__":
     {"cases": worker_cases, "fuzz": worker_fuzz}[sys.argv[1]]()
+
+
+# ----------------------------------------- one validation for both paths
+
+WRAPPER_BAD = [
+    ("packed short", dict(packed=np.zeros(1023, np.uint8)), "packed must"),
+    ("absmax short", dict(absmax=np.zeros(31, np.uint8)), "absmax must"),
+    ("uint8 absmax, no scale", dict(scale=None, offset=None), "required"),
+    (
+        "float absmax, stray scale",
+        dict(absmax=np.ones(32, np.float32)),
+        "takes no absmax_scale",
+    ),
+    ("scale long", dict(scale=np.ones(2, np.float32)), "absmax_scale must"),
+    ("offset vector", dict(offset=np.ones(1, np.float32)), "scalar"),
+    ("block 0", dict(block_size=0), "block_size must be one of"),
+    ("x rank 1", dict(x=np.ones(64, np.float32)), "rank >= 2"),
+    ("x last dim", dict(x=np.ones((2, 63), np.float32)), "last axis"),
+]
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["fused", "pure"])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [c[1:] for c in WRAPPER_BAD],
+    ids=[c[0] for c in WRAPPER_BAD],
+)
+def test_wrapper_refuses_the_same_inputs_on_both_paths(pure, kwargs, match):
+    state = make_state(GOOD["k"], GOOD["n"], GOOD["block_size"], True)
+    weight = NF4Tensors.from_state(state)
+    arrays = dict(
+        packed=weight.packed,
+        absmax=weight.absmax,
+        absmax_scale=weight.absmax_scale,
+        absmax_offset=weight.absmax_offset,
+    )
+    renames = {"scale": "absmax_scale", "offset": "absmax_offset"}
+    kwargs = dict(kwargs)  # shared by the two paths' cases
+    x = kwargs.pop("x", np.ones((2, GOOD["k"]), "float32"))
+    block_size = kwargs.pop("block_size", GOOD["block_size"])
+    arrays.update({renames.get(k, k): v for k, v in kwargs.items()})
+    weight = NF4Tensors(
+        **arrays, shape=(GOOD["k"], GOOD["n"]), block_size=block_size
+    )
+    context = qops.reference_path() if pure else contextlib.nullcontext()
+    with context, pytest.raises(ValueError, match=match):
+        qops.nf4_matmul(x, weight)

@@ -129,3 +129,61 @@ def test_cache_key_covers_the_shared_format_header(tmp_path, monkeypatch):
         stand_in.write_text(stand_in.read_text() + "\n// changed\n")
     assert build.build_key() == changed
     assert not any("testing" in p.parts for p in build.source_files())
+
+
+def test_a_truncated_cached_library_is_never_loaded(tmp_path):
+    # Loading a truncated .so killed every process with SIGBUS, the
+    # diagnostic --info included; now the record refuses it and, with no
+    # compiler to rebuild it, the pure path runs.
+    import pathlib
+    import shutil
+
+    import pytest
+
+    here = pathlib.Path(build.__file__).parent
+    if (here / build.LIBRARY_NAME).exists():
+        pytest.skip("a library prebuilt at install time is used first")
+    good = build.find_or_build()
+    target = tmp_path / "cache" / build.build_key()
+    target.mkdir(parents=True)
+    (target / build.LIBRARY_NAME).write_bytes(good.read_bytes()[:100_000])
+    shutil.copy(good.parent / build.STAMP_NAME, target / build.STAMP_NAME)
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_qlora.ops", "--info"],
+        capture_output=True,
+        text=True,
+        env=dict(
+            os.environ,
+            PYTHONPATH=os.path.abspath(ROOT),
+            KERAS_QLORA_CACHE=str(tmp_path / "cache"),
+            CXX="no-such-compiler-kq",
+        ),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "active path: reference" in result.stdout
+    assert "no C++ compiler" in result.stdout
+    assert "is not the one built (100000 bytes" in result.stderr
+
+
+def test_verify_checks_key_size_hash_and_transient_cuda_errors(tmp_path):
+    lib = tmp_path / build.LIBRARY_NAME
+    lib.write_bytes(b"\x7fELF" + bytes(100))
+    assert build.verify(lib, "k") == "no record of its build"
+    build._write_record(lib, "k")
+    assert build.verify(lib, "k") is None
+    assert "other sources" in build.verify(lib, "other")
+    lib.write_bytes(b"\x7fELF" + bytes(99))
+    assert "103 bytes, 104 were written" in build.verify(lib, "k")
+    lib.write_bytes(b"\x7fELX" + bytes(100))
+    assert "SHA-256 differs" in build.verify(lib, "k")
+    # A CPU-only library left by a CUDA build that ran out of disk is used
+    # by this process but rebuilt by the next.
+    (tmp_path / build.CUDA_ERROR_NAME).write_text(
+        "nvcc fatal: write failed: No space left on device"
+    )
+    build._write_record(lib, "k")
+    assert "may pass" in build.verify(lib, "k")
+    (tmp_path / build.CUDA_ERROR_NAME).write_text("error: unknown type 'x'")
+    build._write_record(lib, "k")
+    assert build.verify(lib, "k") is None
