@@ -89,16 +89,16 @@ def cuda_config(archs=None) -> dict:
 
     Args:
         archs: compute capabilities, e.g. `[80, 90]`; None: the library's
-            DEFAULT_CUDA_ARCHS ("80;90"), whatever GPU this machine has.
+            default ("80;90"), whatever GPU this machine has.
 
     Returns:
         `build.cuda_config()`'s dict: `enabled`, `reason`, and when
         enabled `nvcc`, `version` and `archs`.
     """
-    library = library_module()
+    toolchain = library_module().cuda_toolchain
     if archs is None:
-        archs = library._parse_archs(library.DEFAULT_CUDA_ARCHS)
-    return dict(library._cuda_config(library._arch_text(archs)))
+        archs = toolchain.parse_archs(toolchain.DEFAULT_ARCHS)
+    return dict(toolchain.config(toolchain.arch_text(archs)))
 
 
 def nvcc_command(config: dict, source, keep_dir, output) -> list:
@@ -107,9 +107,9 @@ def nvcc_command(config: dict, source, keep_dir, output) -> list:
     Same flags and -gencode targets as `build._start_cuda_compiles`,
     plus `--resource-usage --keep --keep-dir keep_dir`.
     """
-    library = library_module()
-    cmd = [config["nvcc"], "-c", *library.NVCC_FLAGS]
-    cmd += library._gencode_flags(config["archs"])
+    toolchain = library_module().cuda_toolchain
+    cmd = [config["nvcc"], "-c", *toolchain.NVCC_FLAGS]
+    cmd += toolchain.gencode_flags(config["archs"])
     cxx = os.environ.get("CXX")
     if cxx:
         cmd += ["-ccbin", cxx]
@@ -570,13 +570,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--archs",
         help="compute capabilities, e.g. '80;90' (default: the op "
-        "library's DEFAULT_CUDA_ARCHS)",
+        "library's DEFAULT_ARCHS)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the records as JSON"
     )
     args = parser.parse_args(argv)
-    archs = args.archs and library_module()._parse_archs(args.archs)
+    toolchain = library_module().cuda_toolchain
+    archs = args.archs and toolchain.parse_archs(args.archs)
     try:
         records = compile_report(archs)
     except (RuntimeError, ValueError) as err:

@@ -135,42 +135,32 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
         # uint8 state cannot be broadcast by multi-worker strategies; see
         # frozen_state.py.
         with frozen_variable_scope():
-            self.nf4_packed = self.add_weight(
-                name="nf4_packed",
-                shape=((k * n + 1) // 2,),
-                dtype="uint8",
-                initializer="zeros",
-                trainable=False,
+            self.nf4_packed = self._add_state(
+                "nf4_packed", ((k * n + 1) // 2,), "uint8"
             )
-            self.nf4_absmax = self.add_weight(
-                name="nf4_absmax",
-                shape=(blocks,),
-                dtype="uint8" if self.double_quant else "float32",
-                initializer="zeros",
-                trainable=False,
-                autocast=False,
+            self.nf4_absmax = self._add_state(
+                "nf4_absmax", (blocks,), "uint8" if self.double_quant else None
             )
         self.nf4_absmax_scale = self.nf4_absmax_offset = None
         if self.double_quant:
-            self.nf4_absmax_scale = self.add_weight(
-                name="nf4_absmax_scale",
-                shape=(num_blocks(blocks, NESTED_BLOCK_SIZE),),
-                dtype="float32",
-                initializer="zeros",
-                trainable=False,
-                autocast=False,
+            self.nf4_absmax_scale = self._add_state(
+                "nf4_absmax_scale", (num_blocks(blocks, NESTED_BLOCK_SIZE),)
             )
-            self.nf4_absmax_offset = self.add_weight(
-                name="nf4_absmax_offset",
-                shape=(),
-                dtype="float32",
-                initializer="zeros",
-                trainable=False,
-                autocast=False,
-            )
+            self.nf4_absmax_offset = self._add_state("nf4_absmax_offset", ())
         self.lora_a = self.lora_b = None
         if self.rank is not None:
             self.lora_a, self.lora_b = self._add_lora_pair("")
+
+    def _add_state(self, name, shape, dtype=None):
+        """A frozen NF4 state variable (float32 unless `dtype`)."""
+        return self.add_weight(
+            name=name,
+            shape=shape,
+            dtype=dtype or "float32",
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
+        )
 
     def _add_lora_pair(self, suffix, trainable=True):
         k, n = self.kernel_2d_shape
@@ -264,7 +254,7 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
                 kwargs, getattr(layer, "name", "?"), scale_search=scale_search
             )
             kwargs = {}
-        new = cls.check_source(layer, settings, check_values=False, **kwargs)
+        new = cls._checked_new(layer, settings, **kwargs)
         value = check_source_kernel(layer, layer.kernel) if quantize else None
         adopt_parent_path(new, layer)
         new.build(new._source_input_shape(layer))
@@ -278,7 +268,9 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
         """Runs every check `from_layer` makes on `layer`, building nothing.
 
         `apply()` runs it over all selected layers before converting the
-        first, so a refusal leaves the model as it was.
+        first, so a refusal leaves the model as it was. It draws no random
+        numbers (the trial layer has no dropout), so a seeded `apply()`
+        initializes the adapters as it would without this check.
 
         Args:
             layer: the float layer.
@@ -286,13 +278,17 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
             check_values: also check the kernel is float and finite (on
                 the variable, without a float32 copy).
 
-        Returns:
-            The new layer, constructed (not built): its settings and
-            configuration checked.
-
         Raises:
             TypeError / ValueError: as `from_layer`.
         """
+        cls._checked_new(layer, settings.replace(dropout=0.0), **kwargs)
+        if check_values:
+            check_source_values(layer, layer.kernel)
+
+    @classmethod
+    def _checked_new(cls, layer, settings, **kwargs):
+        """The new layer for `layer`, constructed (not built), after the
+        checks on the float layer and the rank."""
         if not isinstance(layer, cls.SOURCE_TYPE):
             raise TypeError(
                 f"{cls.__name__}.from_layer expects a "
@@ -308,8 +304,6 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
             **kwargs,
         )
         _check_rank_fits(layer.name, new.rank, *new._source_matrix(layer))
-        if check_values:
-            check_source_values(layer, layer.kernel)
         return new
 
     def quantize_kernel(self, kernel) -> NF4State:

@@ -36,15 +36,15 @@ GOOGLE_CUDA=1). Without nvcc the library holds the CPU kernels only;
 `custom_ops/testing/` (CPU stand-ins for CUDA, used by tests and the GPU
 harness only) is neither compiled into the library nor part of its key.
 
-This module imports only the standard library at top level (TensorFlow
-lazily): setup.py and the GPU harness (benchmarks/gpu/) load it by path,
-the harness on a machine without TensorFlow, to build the standalone CUDA
-C ABI library.
+This module and `cuda_toolchain` (nvcc, architectures, flags) import only
+the standard library at top level (TensorFlow lazily): setup.py and the GPU
+harness (benchmarks/gpu/) load this file by path, the harness on a machine
+without TensorFlow, to build the standalone CUDA C ABI library.
 """
 
 import fcntl
-import functools
 import hashlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -53,6 +53,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
+
+
+def _load_sibling(name: str):
+    """A module next to this file, for when this file is loaded by path."""
+    path = pathlib.Path(__file__).resolve().with_name(name + ".py")
+    spec = importlib.util.spec_from_file_location(f"_kq_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+if __package__:
+    from keras_qlora.ops import cuda_toolchain
+else:  # loaded by path (setup.py, benchmarks/gpu/): no package around
+    cuda_toolchain = _load_sibling("cuda_toolchain")
 
 LIBRARY_NAME = "_nf4_ops.so"
 STAMP_NAME = "_nf4_ops.json"
@@ -66,15 +81,6 @@ CXX_FLAGS = (
     "-O3",
     "-ffp-contract=off",
     "-Wno-deprecated-declarations",
-)
-DEFAULT_CUDA_ARCHS = "80;90"
-# Hidden visibility: the C ABI functions are exported explicitly
-# (KQ_NF4_EXPORT in nf4_cuda.h) and nothing else.
-NVCC_FLAGS = (
-    "-std=c++17",
-    "-O3",
-    "-Xcompiler",
-    "-fPIC,-fvisibility=hidden,-ffp-contract=off",
 )
 # The static CUDA runtime needs these system libraries.
 CUDART_LIBS = ("-l:libcudart_static.a", "-ldl", "-lrt", "-lpthread")
@@ -143,7 +149,7 @@ def cuda_config() -> dict:
         and when enabled `nvcc`, `version`, `archs` (compute capabilities)
         and `lib_dir` (where `libcudart_static.a` is).
     """
-    return dict(_cuda_config())
+    return dict(cuda_toolchain.config())
 
 
 def cuda_status(library_path=None) -> str:
@@ -153,7 +159,7 @@ def cuda_status(library_path=None) -> str:
         library_path: the built library, whose folder may hold the error
             of a failed CUDA build; None when none is loaded.
     """
-    config = _cuda_config()
+    config = cuda_toolchain.config()
     if not config["enabled"]:
         return f"not built ({config['reason']}); CPU kernels only"
     if library_path is not None:
@@ -171,7 +177,7 @@ def build_key() -> str:
     """Hash of everything the library depends on."""
     import tensorflow as tf
 
-    config = _cuda_config()
+    config = cuda_toolchain.config()
     digest = hashlib.sha256()
     root = source_dir()
     for path in sorted(root.rglob("*")):
@@ -189,7 +195,9 @@ def build_key() -> str:
     digest.update(tf.__version__.encode())
     digest.update(" ".join(_tf_flags() + list(CXX_FLAGS)).encode())
     digest.update(sys.version.encode())
-    digest.update(json.dumps(_cuda_key(config), sort_keys=True).encode())
+    digest.update(
+        json.dumps(cuda_toolchain.cache_key(config), sort_keys=True).encode()
+    )
     return digest.hexdigest()[:20]
 
 
@@ -219,7 +227,7 @@ def build(output: pathlib.Path, verbose: bool = False) -> pathlib.Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     error_file = output.parent / CUDA_ERROR_NAME
     error_file.unlink(missing_ok=True)
-    config = _cuda_config()
+    config = cuda_toolchain.config()
     try:
         return _build(output, config, compiler, verbose)
     except RuntimeError as err:
@@ -296,7 +304,7 @@ def build_cuda_abi_library(
     Example:
     >>> build_cuda_abi_library("/tmp/libkq_nf4_cuda.so", archs=[90])
     """
-    config = _cuda_config(_arch_text(archs))
+    config = cuda_toolchain.config(cuda_toolchain.arch_text(archs))
     if not config["enabled"]:
         raise RuntimeError(f"cannot build CUDA kernels: {config['reason']}")
     output = pathlib.Path(output)
@@ -367,7 +375,7 @@ def find_or_build() -> pathlib.Path:
                         file=sys.stderr,
                     )
                 (target.parent / STAMP_NAME).unlink(missing_ok=True)
-                config = _cuda_config()
+                config = cuda_toolchain.config()
                 what = (
                     f"with CUDA kernels: {config['reason']}"
                     if config["enabled"]
@@ -440,158 +448,12 @@ def _sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-# ---------------------------------------------------------------- CUDA
-
-
-@functools.cache
-def _cuda_config(archs_text: str = None) -> dict:
-    if os.environ.get("KERAS_QLORA_CUDA") == "0":
-        return dict(enabled=False, reason="KERAS_QLORA_CUDA=0 is set")
-    nvcc = _find_nvcc()
-    if nvcc is None:
-        return dict(
-            enabled=False,
-            reason="nvcc not found in $KERAS_QLORA_NVCC, PATH, "
-            "$CUDA_HOME/bin or /usr/local/cuda/bin",
-        )
-    source = "given"
-    if archs_text is None:
-        archs_text = os.environ.get("KERAS_QLORA_CUDA_ARCHS")
-        source = "KERAS_QLORA_CUDA_ARCHS"
-    if archs_text is None:
-        # Compiling costs ~11 s of CPU per architecture: build for the GPUs
-        # this machine has; without one (CI), for both default targets.
-        archs_text = _detected_archs()
-        source = "this machine's GPUs"
-    if archs_text is None:
-        archs_text, source = DEFAULT_CUDA_ARCHS, "default"
-    try:
-        archs = _parse_archs(archs_text)
-        version = _nvcc_version(nvcc)
-        lib_dir = _cudart_static_dir(nvcc)
-    except (OSError, ValueError, subprocess.SubprocessError) as err:
-        return dict(enabled=False, reason=str(err))
-    names = ", ".join(f"sm_{a}" for a in archs)
-    return dict(
-        enabled=True,
-        reason=f"nvcc {version}: {names} + PTX compute_{archs[-1]}, "
-        f"architectures: {source}",
-        nvcc=nvcc,
-        version=version,
-        archs=archs,
-        lib_dir=lib_dir,
-    )
-
-
-def _cuda_key(config: dict) -> dict:
-    if not config["enabled"]:
-        return {"enabled": False}
-    return {k: config[k] for k in ("enabled", "version", "archs")} | {
-        "flags": list(NVCC_FLAGS)
-    }
-
-
-def _arch_text(archs) -> str:
-    if archs is None:
-        return None
-    return ";".join(str(a) for a in archs)
-
-
-def _find_nvcc():
-    explicit = os.environ.get("KERAS_QLORA_NVCC")
-    if explicit:
-        return explicit if os.access(explicit, os.X_OK) else None
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if root and os.access(os.path.join(root, "bin", "nvcc"), os.X_OK):
-            return os.path.join(root, "bin", "nvcc")
-    return None
-
-
-def _detected_archs():
-    """'90' etc. for the GPUs nvidia-smi lists (>= 8.0), or None."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    try:
-        proc = subprocess.run(
-            [smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    caps = set()
-    for line in proc.stdout.split() if proc.returncode == 0 else []:
-        major, _, minor = line.strip().partition(".")
-        if major.isdigit() and minor.isdigit():
-            caps.add(int(major) * 10 + int(minor))
-    caps = sorted(c for c in caps if c >= 80)
-    return ";".join(map(str, caps)) if caps else None
-
-
-def _parse_archs(text: str) -> list:
-    """'80;90' -> [80, 90] (sorted); tensor-core kernels need >= 80."""
-    parts = [p for p in re.split(r"[;, ]+", text.strip()) if p]
-    try:
-        archs = sorted({int(p) for p in parts})
-    except ValueError:
-        archs = []
-    if not archs or archs[0] < 80:
-        raise ValueError(
-            "KERAS_QLORA_CUDA_ARCHS must list compute capabilities >= 80 "
-            "(the kernels use bf16 mma.sync), e.g. '80;90'. Received: "
-            f"KERAS_QLORA_CUDA_ARCHS={text!r}"
-        )
-    return archs
-
-
-def _nvcc_version(nvcc: str) -> str:
-    out = subprocess.run(
-        [nvcc, "--version"], capture_output=True, text=True, timeout=60
-    ).stdout
-    match = re.search(r"release (\d+\.\d+)", out)
-    if match is None:
-        raise ValueError(f"cannot read the version of {nvcc}: {out[-300:]!r}")
-    return match.group(1)
-
-
-def _cudart_static_dir(nvcc: str) -> str:
-    """The folder of libcudart_static.a, from nvcc's own library paths."""
-    proc = subprocess.run(
-        [nvcc, "--dryrun", "-x", "cu", os.devnull, "-o", os.devnull],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    dirs = re.findall(r'-L"?([^"\s]+)"?', proc.stdout + proc.stderr)
-    root = pathlib.Path(nvcc).resolve().parent.parent
-    dirs += [str(root / "lib64"), str(root / "targets/x86_64-linux/lib")]
-    for d in dirs:
-        if os.path.isfile(os.path.join(d, "libcudart_static.a")):
-            return d
-    raise ValueError(f"libcudart_static.a not found next to {nvcc}: {dirs}")
-
-
-def _gencode_flags(archs: list) -> list:
-    """Machine code for each arch, PTX of the newest for later GPUs."""
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs[:-1]]
-    last = archs[-1]
-    flags.append(
-        f"-gencode=arch=compute_{last},code=[sm_{last},compute_{last}]"
-    )
-    return flags
-
-
 def _start_cuda_compiles(config: dict, tmp: str) -> list:
     jobs = []
     for src in cuda_source_files():
         obj = os.path.join(tmp, f"cuda_{src.stem}.o")
-        cmd = [config["nvcc"], "-c", *NVCC_FLAGS]
-        cmd += _gencode_flags(config["archs"])
+        cmd = [config["nvcc"], "-c", *cuda_toolchain.NVCC_FLAGS]
+        cmd += cuda_toolchain.gencode_flags(config["archs"])
         cxx = os.environ.get("CXX")
         if cxx:
             cmd += ["-ccbin", cxx]

@@ -199,3 +199,24 @@ def test_regularizers_kept_or_dropped_with_a_warning(tmp_path):
     query = loaded.qlora_layers()["query"]
     assert query.activity_regularizer is not None
     assert query.bias_regularizer is not None
+
+
+def test_the_checks_before_converting_draw_no_random_numbers():
+    """apply() checks every layer before converting the first; those checks
+    must not consume the seeded random stream (a Dropout's seed generator
+    draws from it), or a seeded apply() initializes adapters differently
+    from the same apply() without the checks."""
+    import random
+
+    from keras_qlora.layers import QLoRADense
+    from keras_qlora.settings import QLoRASettings
+
+    model = _model()
+    settings = QLoRASettings(rank=4, dropout=0.1)
+    state = random.getstate()
+    for layer in model.layers:
+        QLoRADense.check_source(layer, settings)
+    assert random.getstate() == state
+    # The converted layer itself does draw (its dropout has a seed).
+    QLoRADense.from_layer(model.layers[0], settings)
+    assert random.getstate() != state
