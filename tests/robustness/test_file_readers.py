@@ -227,7 +227,7 @@ def test_nan_weights_in_a_keras_file_are_refused(tmp_path):
         keras.saving.load_model(path)
 
 
-# -- SavedModel -----------------------------------------------------------------
+# -- SavedModel -------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

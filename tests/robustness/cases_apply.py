@@ -1,0 +1,3 @@
+"""Catalog cases (see catalog.py): to be filled."""
+
+CASES = []
