@@ -16,6 +16,7 @@ import numpy as np
 from keras import ops
 
 from keras_qlora import ops as qops
+from keras_qlora.layers import saved_checksum
 from keras_qlora.layers.adapter_slots import DEFAULT_ADAPTER
 from keras_qlora.layers.adapter_slots import AdapterSlotsMixin
 from keras_qlora.layers.adapter_slots import check_adapter_name
@@ -407,8 +408,10 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
     def save_own_variables(self, store):
         if not self.built:
             return
-        for name, variable in self._variable_table():
-            store[name] = variable.numpy()
+        values = {n: v.numpy() for n, v in self._variable_table()}
+        for name, value in values.items():
+            store[name] = value
+        store[saved_checksum.KEY] = saved_checksum.digest(values)
         if self._extra_adapters or not self.lora_enabled:
             active = self.adapter_names.index(self.active_adapter)
             store[_STATE_KEY] = np.array(
@@ -463,6 +466,7 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
                     "values; the file is corrupt or was saved from a "
                     "diverged run."
                 )
+        saved_checksum.check(self.name, store, keys)
         names = (DEFAULT_ADAPTER,) + tuple(
             sorted(set(self._extra_adapters) | new)
         )

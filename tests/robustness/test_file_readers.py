@@ -227,6 +227,26 @@ def test_nan_weights_in_a_keras_file_are_refused(tmp_path):
         keras.saving.load_model(path)
 
 
+def test_overwritten_nf4_bytes_in_a_keras_file_are_refused(tmp_path):
+    # Every NF4 byte is a valid pair of codes: only the checksum saved with
+    # the layer tells a corrupted file from a good one.
+    path = _functional(tmp_path)
+    good = keras.saving.load_model(path)
+
+    def edit(f):
+        key = "base_model/layers/q_lo_ra_dense/vars/nf4_packed"
+        f[key][...] = np.full(f[key].shape, 0xFF, "uint8")
+
+    _edit_keras_file(path, edit_weights=edit)
+    with pytest.raises(
+        ValueError,
+        match=r"'query': its saved NF4 weights .*nf4_packed.* do "
+        r"not match the checksum",
+    ):
+        keras.saving.load_model(path)
+    assert good.qlora_layers()["query"].nf4_packed.shape[0] == 64
+
+
 # -- SavedModel -------------------------------------------------------------
 
 
