@@ -218,6 +218,7 @@ def test_save_and_load_own_variables():
         "bias",
         "lora_a",
         "lora_b",
+        "nf4_sha256",  # checksum of the four NF4 arrays
     ]
     fresh = QLoRADense.from_layer(make_dense(seed=20), rank=4, quantize=False)
     fresh.load_own_variables(store)
