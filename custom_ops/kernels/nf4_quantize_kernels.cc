@@ -176,6 +176,27 @@ void EncodeBlockScalar(const float* w, int64_t len, float s, bool divide,
 
 // ---------------------------------------------------------------- kernels
 
+// Index of the first NaN or Inf in p[0, n) (all exponent bits set), or -1.
+// The bit test, OR-ed over chunks, vectorizes; NaN compares would not.
+int64_t FirstNonFinite(const float* p, int64_t n) {
+  constexpr int64_t kChunk = 4096;
+  constexpr uint32_t kExponent = 0x7f800000u;
+  auto bad = [&](int64_t i) {
+    uint32_t bits;
+    std::memcpy(&bits, p + i, sizeof(bits));
+    return (bits & kExponent) == kExponent;
+  };
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t end = std::min(n, c + kChunk);
+    bool any = false;
+    for (int64_t i = c; i < end; ++i) any |= bad(i);
+    if (!any) continue;
+    for (int64_t i = c; i < end; ++i)
+      if (bad(i)) return i;
+  }
+  return -1;
+}
+
 ::tensorflow::Status CheckInputs(const Tensor& w, int block_size) {
   if (w.dims() != 2) {
     return errors::InvalidArgument(
@@ -184,6 +205,16 @@ void EncodeBlockScalar(const float* w, int64_t len, float s, bool divide,
   }
   if (!nf4::IsAllowedBlockSize(block_size)) {
     return errors::InvalidArgument(KQ_NF4_BLOCK_SIZE_ERROR, block_size);
+  }
+  // A NaN would be skipped by the block maximum and coded as -1.0: refuse.
+  const int64_t bad = FirstNonFinite(w.flat<float>().data(), w.NumElements());
+  if (bad >= 0) {
+    const int64_t cols = w.dim_size(1);
+    return errors::InvalidArgument(
+        "weight_t holds a non-finite value (", w.flat<float>()(bad),
+        ") at [", bad / cols, ", ", bad % cols,
+        "]; NF4 has no code for NaN or Inf. Fix or drop the non-finite "
+        "weights before quantizing.");
   }
   return ::tensorflow::Status();
 }
@@ -260,6 +291,13 @@ class Nf4EncodeOp : public OpKernel {
                     layout.blocks, " blocks for weight_t of shape ",
                     w.shape().DebugString(), " and block_size=", block_size_,
                     ". Received shape: ", scales_t.shape().DebugString()));
+    const int64_t bad_scale =
+        FirstNonFinite(scales_t.flat<float>().data(), layout.blocks);
+    OP_REQUIRES(ctx, bad_scale < 0,
+                errors::InvalidArgument(
+                    "scales must be finite: scales[", bad_scale, "] = ",
+                    scales_t.flat<float>()(bad_scale < 0 ? 0 : bad_scale),
+                    ". A block's scale is its (searched) absolute maximum."));
     Isa isa;
     OP_REQUIRES_OK(ctx, ChooseIsa(&isa));
     Tensor* out = nullptr;

@@ -89,6 +89,7 @@ REGISTER_OP("KerasQLoRA>NF4BlockScales")
 // Packs the NF4 codes of `weight_t` ([N, K]) under per-block `scales`:
 // code = nearest NF4 value of w * (1 / s) (w / s for the partial last block
 // when `divide_tail`, as bitsandbytes does); zero codes where s <= 0.
+// Both ops refuse NaN and Inf in `weight_t` (and in `scales`), naming where.
 REGISTER_OP("KerasQLoRA>NF4Encode")
     .Input("weight_t: float")
     .Input("scales: float")

@@ -303,3 +303,36 @@ def test_op_rejects_bad_inputs(lib, isa):
         InvalidArgumentError, match="KERAS_QLORA_CPU_ISA must be one of"
     ):
         lib.keras_q_lo_ra_nf4_block_scales(w, block_size=64)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_raw_ops_refuse_non_finite_weights_and_scales(lib, isa, bad):
+    """A NaN never wins a block maximum (max ignores it) and would be coded
+    as -1.0: both raw ops refuse it, on every instruction set, naming where
+    it is."""
+    w = random_kernel((6, 64), seed=11)
+    w[4, 37] = bad
+    scales = np.ones(6, np.float32)
+    for name in ISAS:
+        isa(name)
+        for search in (False, True):
+            with pytest.raises(
+                InvalidArgumentError, match=r"non-finite value .* at \[4, 37\]"
+            ):
+                lib.keras_q_lo_ra_nf4_block_scales(
+                    w, block_size=64, scale_search=search
+                )
+        with pytest.raises(InvalidArgumentError, match=r"at \[4, 37\]"):
+            lib.keras_q_lo_ra_nf4_encode(w, scales, block_size=64)
+        w_ok = np.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)
+        scales[2] = bad
+        with pytest.raises(
+            InvalidArgumentError, match=r"scales must be finite: scales\[2\]"
+        ):
+            lib.keras_q_lo_ra_nf4_encode(w_ok, scales, block_size=64)
+        scales[2] = 1.0
+        # The last element of the last, partial block is checked too.
+        tail = random_kernel((3, 45), seed=12)
+        tail[2, 44] = bad
+        with pytest.raises(InvalidArgumentError, match=r"at \[2, 44\]"):
+            lib.keras_q_lo_ra_nf4_block_scales(tail, block_size=32)
