@@ -30,7 +30,10 @@ def main(argv=None) -> int:
             print(f"build failed: {err}", file=sys.stderr)
             return 1
         print(f"built: {path}")
-    name, reason = ops.active_path()
+    try:
+        name, reason = ops.active_path()
+    except ValueError as err:  # a bad setting (KERAS_QLORA_CPU_ISA)
+        name, reason = "none", str(err)
     print(f"active path: {name}")
     print(f"reason:      {reason}")
     print(f"cuda kernels: {loader.cuda_status()}")

@@ -10,6 +10,8 @@ here (a dimension unknown while tracing is left to the op, or to the
 reference's own shape errors).
 """
 
+import numpy as np
+
 from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
 from keras_qlora.quantizers.state import check_block_size
 from keras_qlora.quantizers.state import num_blocks
@@ -17,7 +19,13 @@ from keras_qlora.quantizers.state import num_blocks
 
 def check_inputs(x, weight, transpose):
     """Raises ValueError (naming the input, with the op's message) when `x`
-    or the `NF4Tensors` `weight` cannot be multiplied."""
+    or the `NF4Tensors` `weight` cannot be multiplied, and TypeError when
+    `transpose` is not a bool (a string is truthy: "no" would transpose)."""
+    if not isinstance(transpose, (bool, np.bool_)):
+        raise TypeError(
+            "nf4_matmul: transpose must be a bool (True or False). "
+            f"Received: transpose={transpose!r}"
+        )
     k, n = _shape(weight)
     _block_size(weight.block_size)
     count = k * n
@@ -69,13 +77,14 @@ def check_inputs(x, weight, transpose):
 def _shape(weight):
     shape = tuple(weight.shape)
     if len(shape) != 2 or any(
-        isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape
+        isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1
+        for d in shape
     ):
         raise ValueError(
-            "NF4Matmul: k and n must be >= 1. Received: weight.shape="
-            f"{weight.shape!r}"
+            "NF4Matmul: weight.shape must be two ints (k, n), both >= 1. "
+            f"Received: weight.shape={weight.shape!r}"
         )
-    return shape
+    return tuple(int(d) for d in shape)
 
 
 def _block_size(block_size):

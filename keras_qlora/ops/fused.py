@@ -164,7 +164,8 @@ def nf4_matmul(x, weight, transpose=False):
         A tensor of x's dtype with last axis N (K when `transpose`).
 
     Raises:
-        TypeError: `weight` is neither, or an input has a wrong dtype.
+        TypeError: `weight` is neither, an input has a wrong dtype, or
+            `transpose` is not a bool.
         ValueError: shapes or the block size do not fit (`ops/checks.py`:
             the same checks and messages on the fused and pure paths).
 
@@ -236,10 +237,10 @@ def _fused(lib, x, weight, transpose):
         absmax,
         absmax_scale,
         absmax_offset,
-        k=weight.shape[0],
-        n=weight.shape[1],
-        block_size=weight.block_size,
-        transpose=transpose,
+        k=int(weight.shape[0]),
+        n=int(weight.shape[1]),
+        block_size=int(weight.block_size),
+        transpose=bool(transpose),
     )
 
 

@@ -6,7 +6,9 @@ at install time, cached, or compiled now) and loads it into TensorFlow. If
 that fails, or `KERAS_QLORA_PURE_TF=1`, `load()` returns None and `status()`
 says why; callers then use the pure-TF path and `warn_fallback()` tells the
 user once. A process loads the library at most once (TensorFlow refuses a
-second copy of the same kernels).
+second copy of the same kernels). A bad `KERAS_QLORA_CPU_ISA` is refused
+here, by every `load()`, rather than by the kernels: the matmul's self-test
+would otherwise swallow the kernels' error and run the slow path.
 """
 
 import dataclasses
@@ -43,10 +45,19 @@ class LoaderState:
 
 _lock = threading.Lock()
 _state = LoaderState()
+# The values the CPU kernels accept (custom_ops/kernels/*.cc, ChooseIsa).
+CPU_ISAS = ("auto", "scalar", "avx2", "avx512")
 
 
 def load():
-    """Returns the loaded op module, or None (see `status()` for why)."""
+    """Returns the loaded op module, or None (see `status()` for why).
+
+    Raises:
+        ValueError: `KERAS_QLORA_CPU_ISA` is set to a value the kernels
+            do not know (unless `KERAS_QLORA_PURE_TF=1`: no kernel runs).
+    """
+    if os.environ.get("KERAS_QLORA_PURE_TF") != "1":
+        check_cpu_isa()
     with _lock:
         if _state.tried:
             return _state.module
@@ -63,6 +74,17 @@ def load():
         except Exception as err:  # any failure means: use the pure path
             _state.reason = f"{type(err).__name__}: {err}"
         return _state.module
+
+
+def check_cpu_isa():
+    """Raises ValueError unless `KERAS_QLORA_CPU_ISA` is unset, empty or one
+    of `CPU_ISAS` (the kernels read it to cap their instruction set)."""
+    value = os.environ.get("KERAS_QLORA_CPU_ISA", "")
+    if value and value not in CPU_ISAS:
+        raise ValueError(
+            f"KERAS_QLORA_CPU_ISA must be one of {', '.join(CPU_ISAS)} (or "
+            f"unset). Received: KERAS_QLORA_CPU_ISA={value!r}"
+        )
 
 
 def checked(self_test: Callable[[Any], bool]):

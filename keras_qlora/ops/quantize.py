@@ -19,6 +19,7 @@ from keras_qlora.ops import loader
 from keras_qlora.quantizers import NF4State
 from keras_qlora.quantizers import as_float_matrix
 from keras_qlora.quantizers import check_block_size
+from keras_qlora.quantizers import check_flag
 from keras_qlora.quantizers import dequantize_absmax
 from keras_qlora.quantizers import double_quantize_absmax
 from keras_qlora.quantizers import quantize_nf4
@@ -50,7 +51,7 @@ def quantize_nf4_fused(
 
     Raises:
         ValueError: bad block size, not 2-D, empty, or non-finite values.
-        TypeError: a non-floating kernel.
+        TypeError: a non-floating kernel, or a flag that is not a bool.
 
     Example:
     >>> import numpy as np
@@ -59,6 +60,8 @@ def quantize_nf4_fused(
     (4096,)
     """
     block_size = check_block_size(block_size)
+    double_quant = check_flag(double_quant, "double_quant")
+    scale_search = check_flag(scale_search, "scale_search")
     kernel = as_float_matrix(kernel_2d)
     lib = loader.load()
     if lib is None:

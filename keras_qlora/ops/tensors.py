@@ -42,7 +42,18 @@ class NF4Tensors:
 
     @classmethod
     def from_state(cls, state: NF4State) -> "NF4Tensors":
-        """The numpy arrays of an `NF4State` (offset as a float32 scalar)."""
+        """The numpy arrays of an `NF4State` (offset as a float32 scalar).
+
+        Raises:
+            TypeError: `state` is not an `NF4State` (e.g. its `to_dict()`:
+                rebuild it with `NF4State.from_dict` first).
+        """
+        if not isinstance(state, NF4State):
+            raise TypeError(
+                "NF4Tensors.from_state expects an NF4State (for a dict, "
+                "NF4State.from_dict(d) first). Received: state of type "
+                f"{type(state).__name__}"
+            )
         offset = state.absmax_offset
         return cls(
             packed=state.packed,

@@ -11,6 +11,7 @@ from keras_qlora.quantizers.nf4 import unpack_nibbles
 from keras_qlora.quantizers.state import ALLOWED_BLOCK_SIZES
 from keras_qlora.quantizers.state import NF4State
 from keras_qlora.quantizers.state import check_block_size
+from keras_qlora.quantizers.state import check_flag
 from keras_qlora.quantizers.state import dequantize_absmax
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "NF4_CODE",
     "as_float_matrix",
     "check_block_size",
+    "check_flag",
     "dequantize_absmax",
     "dequantize_nf4",
     "double_quantize_absmax",

@@ -13,6 +13,7 @@ from keras_qlora.quantizers import codes
 from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
 from keras_qlora.quantizers.state import NF4State
 from keras_qlora.quantizers.state import check_block_size
+from keras_qlora.quantizers.state import check_flag
 from keras_qlora.quantizers.state import dequantize_absmax
 from keras_qlora.quantizers.state import num_blocks
 
@@ -83,7 +84,7 @@ def quantize_nf4(
 
     Raises:
         ValueError: bad block size, not 2-D, empty, or non-finite values.
-        TypeError: a non-floating kernel.
+        TypeError: a non-floating kernel, or a flag that is not a bool.
 
     Example:
     >>> import numpy as np
@@ -92,6 +93,8 @@ def quantize_nf4(
     (128, 64)
     """
     block_size = check_block_size(block_size)
+    double_quant = check_flag(double_quant, "double_quant")
+    scale_search = check_flag(scale_search, "scale_search")
     kernel = as_float_matrix(kernel_2d)
     k, n = kernel.shape
     flat = np.ascontiguousarray(kernel.T).reshape(-1)  # [N, K] row-major

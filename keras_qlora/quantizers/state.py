@@ -33,6 +33,20 @@ def check_block_size(block_size: Any, name: str = "block_size") -> int:
     return int(block_size)
 
 
+def check_flag(value: Any, name: str) -> bool:
+    """Returns `value` as a bool, the check of a quantizer's on/off option.
+
+    Raises:
+        TypeError: not True or False (a string such as "no" is truthy, so
+            it would silently turn the option on).
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"{name} must be a bool (True or False). Received: {name}={value!r}"
+        )
+    return bool(value)
+
+
 def num_blocks(num_elements: int, block_size: int) -> int:
     """Number of quantization blocks (the last one may be partial)."""
     return -(-num_elements // block_size)
@@ -67,12 +81,7 @@ class NF4State:
     absmax_offset: float | None = None
 
     def __post_init__(self):
-        shape = tuple(int(d) for d in self.shape)
-        if len(shape) != 2 or min(shape) <= 0:
-            raise ValueError(
-                "NF4State shape must be two positive sizes (K, N). "
-                f"Received: shape={self.shape!r}"
-            )
+        shape = _check_shape(self.shape)
         object.__setattr__(self, "shape", shape)
         block_size = check_block_size(self.block_size)
         n = shape[0] * shape[1]
@@ -188,6 +197,29 @@ def dequantize_absmax(
     table = codes.dynamic_map()
     per_block = np.repeat(scale, NESTED_BLOCK_SIZE)[: codes_u8.shape[0]]
     return (table[codes_u8] * per_block + np.float32(offset)).astype(np.float32)
+
+
+def _check_shape(shape) -> tuple:
+    """`shape` as two Python ints; a size must be an integer (64.5 was
+    truncated to 64 before), and both positive."""
+    try:
+        sizes = tuple(shape)
+    except TypeError:
+        sizes = None
+    if sizes is None or not all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+        for d in sizes
+    ):
+        raise TypeError(
+            f"NF4State shape must be two ints (K, N). Received: shape={shape!r}"
+        )
+    sizes = tuple(int(d) for d in sizes)
+    if len(sizes) != 2 or min(sizes) <= 0:
+        raise ValueError(
+            "NF4State shape must be two positive sizes (K, N). "
+            f"Received: shape={shape!r}"
+        )
+    return sizes
 
 
 def _check_finite(name, value):
