@@ -64,7 +64,7 @@ def apply(
     - a single string: a regular expression, full-matched against the path
       or the layer name;
     - a compiled `re.Pattern` (full match on paths);
-    - a callable `(path, layer) -> bool`;
+    - a callable `(path, layer) -> bool` (a non-bool result is refused);
     - `"all-linear"`: every Dense/EinsumDense except output heads sized to a
       vocabulary (an Embedding's `input_dim`).
     Paths are layer names from the model down, joined by "/".
