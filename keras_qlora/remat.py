@@ -117,14 +117,16 @@ def enable_gradient_checkpointing(model, blocks=True) -> list[str]:
     return [entry.path for entry in chosen]
 
 
-def find_blocks(model, blocks=True) -> list[str]:
+def find_blocks(model, blocks=True, arg="blocks") -> list[str]:
     """The paths `enable_gradient_checkpointing(model, blocks)` would
-    checkpoint, without changing the model (same errors).
+    checkpoint, without changing the model (same errors, naming `blocks`
+    as `arg`).
 
     `keras_qlora.apply` calls it before editing a model, so that a model
     without recognizable blocks is refused before it is quantized.
     """
-    return [e.path for e in _select(surgery.walk(_root(model)), blocks)]
+    entries = surgery.walk(_root(model))
+    return [e.path for e in _select(entries, blocks, arg)]
 
 
 def disable_gradient_checkpointing(model) -> list[str]:
@@ -185,15 +187,15 @@ def _root(model):
     return model
 
 
-def _select(entries, blocks):
+def _select(entries, blocks, arg="blocks"):
     if blocks is True:
         matched = [e for e in entries if _is_block(e)]
         if not matched:
             raise ValueError(
                 "No transformer blocks recognized for gradient "
                 f"checkpointing. Recognized: {RECOGNIZED_BLOCKS}. Pass the "
-                "layers to recompute explicitly, e.g. blocks=['layer_0', "
-                "'layer_1'], blocks=r'layer_\\d+' or blocks=lambda path, "
+                f"layers to recompute explicitly, e.g. {arg}=['layer_0', "
+                f"'layer_1'], {arg}=r'layer_\\d+' or {arg}=lambda path, "
                 "layer: ... . The model's layers are: "
                 f"{_list_paths(entries)}"
             )
@@ -208,15 +210,15 @@ def _select(entries, blocks):
         blocks, (str, re.Pattern, list, tuple, set, frozenset)
     ) and not callable(blocks):
         raise TypeError(
-            "blocks must be True, a list of layer names / path suffixes, a "
+            f"{arg} must be True, a list of layer names / path suffixes, a "
             "regex string, a re.Pattern or a callable (path, layer) -> "
-            f"bool. Received: blocks={blocks!r}"
+            f"bool. Received: {arg}={blocks!r}"
         )
-    match = selectors.matcher(blocks)
+    match = selectors.matcher(blocks, arg)
     matched = [e for e in entries if match(e.path, e.layer)]
     if not matched:
         raise ValueError(
-            f"blocks={blocks!r} matched no layer. The model's layers are: "
+            f"{arg}={blocks!r} matched no layer. The model's layers are: "
             f"{_list_paths(entries)}"
         )
     return _outermost(matched)

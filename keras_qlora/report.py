@@ -72,9 +72,22 @@ def summary(model, print_fn=print) -> str:
     Lists every replaced layer, trainable vs total parameters, and the bytes
     of the base weights before and after quantization.
 
+    Args:
+        model: a `QLoRAModel` from `keras_qlora.apply()`.
+        print_fn: called with the text; None only returns it.
+
+    Raises:
+        TypeError: `model` is not a `QLoRAModel`, or `print_fn` is neither
+            callable nor None.
+
     Example:
     >>> text = keras_qlora.summary(model)  # doctest: +SKIP
     """
+    if print_fn is not None and not callable(print_fn):
+        raise TypeError(
+            "print_fn must be a callable or None. Received: "
+            f"print_fn={print_fn!r}"
+        )
     info = collect(model)
     width = max([len("layer")] + [len(i["path"]) for i in info["layers"]])
     rows = [

@@ -11,6 +11,7 @@ import inspect
 import time
 
 import keras
+import numpy as np
 
 from keras_qlora import convert
 from keras_qlora import remat
@@ -63,7 +64,7 @@ def apply(
     - a single string: a regular expression, full-matched against the path
       or the layer name;
     - a compiled `re.Pattern` (full match on paths);
-    - a callable `(path, layer) -> bool`;
+    - a callable `(path, layer) -> bool` (a non-bool result is refused);
     - `"all-linear"`: every Dense/EinsumDense except output heads sized to a
       vocabulary (an Embedding's `input_dim`).
     Paths are layer names from the model down, joined by "/".
@@ -154,6 +155,12 @@ def _split(arguments) -> tuple:
     training = TrainingOptions(
         **{k: arguments[k] for k in training_options.field_names()}
     )
+    verbose = arguments["verbose"]
+    if not isinstance(verbose, (bool, int, np.integer)):
+        raise TypeError(
+            "verbose must be True or False (or a Keras verbosity, 0, 1 or "
+            f"2). Received: verbose={verbose!r}"
+        )
     return settings, chosen, training
 
 
@@ -164,7 +171,9 @@ def prepare(model, settings, chosen, training) -> "Selection":
     selection = select(model, settings, chosen)
     training.check_model(any(with_lora for _, with_lora in selection.plan))
     if training.gradient_checkpointing is not False:
-        remat.find_blocks(model, training.gradient_checkpointing)
+        remat.find_blocks(
+            model, training.gradient_checkpointing, "gradient_checkpointing"
+        )
     return selection
 
 
@@ -241,7 +250,7 @@ def select(model, settings, chosen) -> Selection:
     }
 
     def pick(key, entries):
-        return selectors.select(chosen[key], entries, vocab_sizes)
+        return selectors.select(chosen[key], entries, vocab_sizes, key)
 
     targets = pick("target_modules", linear)
     excluded = pick("exclude_modules", linear)

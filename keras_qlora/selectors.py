@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 
 import keras
+import numpy as np
 
 from keras_qlora.convert import convertible
 from keras_qlora.layers.einsum_plan import plan_einsum
@@ -23,12 +24,14 @@ from keras_qlora.layers.einsum_plan import plan_einsum
 ALL_LINEAR = "all-linear"
 
 
-def select(selector, entries, vocab_sizes=frozenset()) -> set:
+def select(selector, entries, vocab_sizes=frozenset(), arg="selector") -> set:
     """ids of the layers of `entries` (`surgery.Found`) that `selector`
-    matches; `vocab_sizes` are the output sizes `"all-linear"` leaves out.
+    matches; `vocab_sizes` are the output sizes `"all-linear"` leaves out;
+    `arg` is the argument's name as the caller spelled it (for messages).
 
     Raises:
-        TypeError / ValueError: a malformed selector.
+        TypeError / ValueError: a malformed selector, or a callable that
+            raised or returned something other than a bool.
     """
     if selector is None:
         return set()
@@ -38,15 +41,18 @@ def select(selector, entries, vocab_sizes=frozenset()) -> set:
             for f in entries
             if convertible(f.layer) and _output_size(f.layer) not in vocab_sizes
         }
-    match = matcher(selector)
+    match = matcher(selector, arg)
     return {id(f.layer) for f in entries if match(f.path, f.layer)}
 
 
-def matcher(selector) -> Callable:
-    """`selector` as a function `(path, layer) -> bool`.
+def matcher(selector, arg="selector") -> Callable:
+    """`selector` as a function `(path, layer) -> bool`; `arg` names the
+    argument in messages.
 
     Raises:
-        TypeError: not a selector; ValueError: an invalid regex.
+        TypeError: not a selector; ValueError: an invalid regex. The
+            function raises ValueError when a callable selector raises, and
+            TypeError when it returns something other than a bool.
     """
     if isinstance(selector, re.Pattern):
         return lambda path, layer: selector.fullmatch(path) is not None
@@ -55,33 +61,54 @@ def matcher(selector) -> Callable:
             pattern = re.compile(selector)
         except re.error as e:
             raise ValueError(
-                f"Module selector {selector!r} is not a valid regular "
-                f"expression ({e}). Pass a list of names for exact/suffix "
-                "matching."
+                f"{arg}={selector!r} is not a valid regular expression "
+                f"({e}). Pass a list of names for exact/suffix matching."
             ) from None
         return lambda path, layer: (
             pattern.fullmatch(path) is not None
             or pattern.fullmatch(layer.name) is not None
         )
     if callable(selector):
-        return lambda path, layer: bool(selector(path, layer))
+        return _checked_callable(selector, arg)
     if isinstance(selector, (list, tuple, set, frozenset)):
         names = list(selector)
         for name in names:
             if not isinstance(name, str) or not name:
                 raise TypeError(
-                    "Module selector lists must hold non-empty strings. "
-                    f"Received: {name!r} in {selector!r}"
+                    f"{arg}: a list of layer names must hold non-empty "
+                    f"strings. Received: {name!r} in {arg}={selector!r}"
                 )
         return lambda path, layer: any(
             layer.name == n or path == n or path.endswith("/" + n)
             for n in names
         )
     raise TypeError(
-        "A module selector must be a list of names, a regex string, a "
-        "re.Pattern, a callable (path, layer) -> bool, 'all-linear' or "
-        f"None. Received: {selector!r}"
+        f"{arg}: a module selector must be a list of names, a regex string, "
+        "a re.Pattern, a callable (path, layer) -> bool, 'all-linear' or "
+        f"None. Received: {arg}={selector!r}"
     )
+
+
+def _checked_callable(selector, arg):
+    """A callable selector whose failures name `arg` and the layer."""
+    name = describe(selector)
+
+    def match(path, layer):
+        try:
+            result = selector(path, layer)
+        except Exception as err:  # noqa: BLE001 - the user's code
+            raise ValueError(
+                f"{arg}: the selector {name}(path, layer) raised "
+                f"{type(err).__name__} on layer '{path}': {err}"
+            ) from err
+        if not isinstance(result, (bool, np.bool_)):
+            raise TypeError(
+                f"{arg}: the selector {name}(path, layer) must return True "
+                f"or False. Received: {result!r} for layer '{path}'"
+            )
+        return bool(result)
+
+    return match
 
 
 def unmatched(selector, entries) -> list:

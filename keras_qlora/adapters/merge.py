@@ -481,7 +481,7 @@ def _resolve_adapter(model, adapter, entries, requantize):
                 "adapter to merge, e.g. adapter='default'."
             )
         return named.active_adapter(model)
-    check_adapter_name(adapter)
+    check_adapter_name(adapter, "adapter")
     names = named.list_adapters(model)
     if adapter not in names:
         raise ValueError(

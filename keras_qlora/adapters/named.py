@@ -89,7 +89,7 @@ def set_adapter(model, name: str):
     previous adapter's variables.
 
     Raises:
-        TypeError: not a `QLoRAModel`.
+        TypeError: not a `QLoRAModel`, or a non-string name.
         ValueError: no adapter of that name (the message lists them).
 
     Example:
@@ -135,7 +135,7 @@ def delete_adapter(model, name: str):
     """Deletes adapter `name` (its variables, and its kept head values).
 
     Raises:
-        TypeError: not a `QLoRAModel`.
+        TypeError: not a `QLoRAModel`, or a non-string name.
         ValueError: unknown name, "default", or the active adapter.
 
     Example:
@@ -234,6 +234,7 @@ def _state(layers):
 
 
 def _check_known(name, names):
+    check_adapter_name(name)
     if name not in names:
         raise ValueError(
             f"The model has no adapter named {name!r}. Its adapters: "

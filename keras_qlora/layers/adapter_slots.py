@@ -126,15 +126,16 @@ class AdapterSlotsMixin:
             )
 
 
-def check_adapter_name(name) -> str:
-    """Returns `name` if it is a valid adapter name, or raises naming it."""
+def check_adapter_name(name, arg="name") -> str:
+    """Returns `name` if it is a valid adapter name, or raises naming it
+    (as the argument `arg`)."""
     if not isinstance(name, str):
         raise TypeError(
-            f"An adapter name must be a string. Received: name={name!r}"
+            f"An adapter name must be a string. Received: {arg}={name!r}"
         )
     if not _ADAPTER_NAME.fullmatch(name):
         raise ValueError(
             "An adapter name must be 1-64 letters, digits, '_' or '-'. "
-            f"Received: name={name!r}"
+            f"Received: {arg}={name!r}"
         )
     return name

@@ -10,6 +10,7 @@ permutations, computed once from the equation and the kernel shape.
 
 import dataclasses
 import math
+import numbers
 import re
 
 from keras import ops
@@ -132,11 +133,14 @@ def plan_einsum(equation: str, kernel_shape) -> EinsumPlan:
     Raises:
         ValueError: naming the equation, when it is malformed or does not
             reduce to a single matmul (a kernel axis that is also a batch
-            axis, an axis summed away on one side only, no contraction).
+            axis, an axis summed away on one side only, no contraction), or
+            a kernel size is not positive.
+        TypeError: an equation that is not a string, or a kernel_shape
+            that is not a sequence of ints.
     """
     parsed = _parse(equation)
     inp, ker, out, ellipsis = parsed
-    kernel_shape = tuple(int(d) for d in kernel_shape)
+    kernel_shape = _check_kernel_shape(equation, kernel_shape)
     if len(kernel_shape) != len(ker):
         raise ValueError(
             f"Equation '{equation}' has {len(ker)} kernel axes but the "
@@ -190,8 +194,35 @@ def plan_einsum(equation: str, kernel_shape) -> EinsumPlan:
     )
 
 
+def _check_kernel_shape(equation, kernel_shape) -> tuple:
+    """`kernel_shape` as a tuple of positive ints, or an error naming it."""
+    try:
+        dims = tuple(kernel_shape)
+    except TypeError:
+        dims = None
+    if dims is None or not all(
+        isinstance(d, numbers.Integral) and not isinstance(d, bool)
+        for d in dims
+    ):
+        raise TypeError(
+            f"kernel_shape of equation '{equation}' must be a tuple of "
+            f"positive ints. Received: kernel_shape={kernel_shape!r}"
+        )
+    if not all(d > 0 for d in dims):
+        raise ValueError(
+            f"kernel_shape of equation '{equation}' must hold positive "
+            f"sizes. Received: kernel_shape={kernel_shape!r}"
+        )
+    return tuple(int(d) for d in dims)
+
+
 def _parse(equation):
-    if not isinstance(equation, str) or equation.count("->") != 1:
+    if not isinstance(equation, str):
+        raise TypeError(
+            "An EinsumDense equation must be a string like 'ab,bc->ac'. "
+            f"Received: equation={equation!r}"
+        )
+    if equation.count("->") != 1:
         raise ValueError(
             "EinsumDense equation must look like 'ab,bc->ac'. "
             f"Received: equation={equation!r}"

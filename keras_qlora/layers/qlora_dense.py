@@ -35,8 +35,9 @@ class QLoRADense(QLoRALayerBase):
 
     def __init__(self, units, activation=None, use_bias=True, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(units, bool) or not isinstance(units, int) or units <= 0:
-            raise ValueError(
+        is_int = isinstance(units, int) and not isinstance(units, bool)
+        if not is_int or units <= 0:
+            raise (ValueError if is_int else TypeError)(
                 f"Layer '{self.name}': units must be a positive int. "
                 f"Received: units={units!r}"
             )

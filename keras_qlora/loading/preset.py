@@ -65,7 +65,7 @@ def from_preset(
 
     Raises:
         TypeError: `model_class` is not a keras_hub Backbone/Task class, an
-            unknown `apply()` argument.
+            unknown `apply()` argument, `model_kwargs` not a dict.
         ValueError: a preset that cannot load completely (missing
             config/weights, a shard listed but absent, a truncated file, a
             family keras_hub cannot convert, a tensor of the wrong shape or
@@ -80,6 +80,12 @@ def from_preset(
     ...     gradient_checkpointing=True, optimizer_8bit=True)
     """
     _check_model_class(model_class)
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise TypeError(
+            "model_kwargs must be a dict of keyword arguments for "
+            "model_class.from_preset, or None. Received: "
+            f"model_kwargs={model_kwargs!r}"
+        )
     settings, chosen, training, verbose = rewrite.options(**apply_kwargs)
     kind, config, weight_files = files.preset_format(preset)
     preset = os.fspath(preset)
