@@ -3,10 +3,11 @@
 It wraps the edited base model and carries what is needed to rebuild it:
 the base model's own config (which, for keras_hub backbones, rebuilds plain
 Dense/EinsumDense sublayers), the NF4/LoRA settings and the exact list of
-replaced layers. `from_config` rebuilds the base model (its variables deferred, so the float
-kernels of the replaced layers are never allocated), puts QLoRA layers
-back at the recorded paths, and only then are the saved weights loaded, so
-a `.keras` round trip keeps the 4-bit packing and the separate LoRA weights.
+replaced layers. `from_config` rebuilds the base model (its variables
+deferred, so the float kernels of the replaced layers are never allocated),
+puts QLoRA layers back at the recorded paths, and only then are the saved
+weights loaded, so a `.keras` round trip keeps the 4-bit packing and the
+separate LoRA weights.
 """
 
 import keras
@@ -48,13 +49,19 @@ class QLoRAModel(QLoRAWrapper, internals.SymbolicBuildHook, keras.Model):
         settings: the `QLoRASettings` the layers were made with.
         report: what `apply()` did (see `keras_qlora.summary`).
         training: the `TrainingOptions` (`bias`, `offload_optimizer`,
-            `optimizer_8bit`, `gradient_checkpointing`), see `apply()`;
-            None for the defaults.
+            `optimizer_8bit`, `gradient_checkpointing`), see `apply()`,
+            or their dict; None for the defaults.
     """
 
     def __init__(
         self, base_model, settings, report=None, training=None, **kwargs
     ):
+        if not isinstance(base_model, keras.layers.Layer):
+            raise TypeError(
+                "QLoRAModel base_model must be a Keras model or layer (use "
+                "keras_qlora.apply(model) to make one). Received: "
+                f"{type(base_model).__name__}"
+            )
         kwargs.setdefault("name", f"qlora_{base_model.name}")
         # The wrapper computes in the base model's policy, so compile()
         # adds loss scaling under mixed_float16.
@@ -68,7 +75,7 @@ class QLoRAModel(QLoRAWrapper, internals.SymbolicBuildHook, keras.Model):
         self.base_model = base_model
         self.settings = settings
         self.qlora_report = dict(report or {})
-        self.training_options = training or TrainingOptions()
+        self.training_options = TrainingOptions.from_dict(training)
         self._apply_training_options()
         _forget_traced_functions(base_model)
         if base_model.built:
@@ -91,6 +98,10 @@ class QLoRAModel(QLoRAWrapper, internals.SymbolicBuildHook, keras.Model):
         try:
             return getattr(base, name)
         except AttributeError:
+            if hasattr(type(base), name):
+                # The base model has it (a property) and it failed inside:
+                # its own error says why, "no attribute" would hide it.
+                raise
             raise AttributeError(
                 f"'{type(self).__name__}' object has no attribute '{name}', "
                 f"and neither has its base model '{base.name}' "
@@ -113,19 +124,22 @@ class QLoRAModel(QLoRAWrapper, internals.SymbolicBuildHook, keras.Model):
             )
         return generate(*args, **kwargs)
 
-    def compile(self, optimizer="adamw", **kwargs):
-        """As `keras.Model.compile`; the optimizer gets the 8-bit / host
-        offload options given to `apply()`.
+    def compile(self, optimizer="adamw", *args, **kwargs):
+        """As `keras.Model.compile` (`loss`, `metrics`, ... by position or
+        by name); the optimizer gets the 8-bit / host offload options given
+        to `apply()`.
 
         Raises:
             TypeError: `optimizer_8bit` with an optimizer other than
                 Adam/AdamW, or `offload_optimizer` with an optimizer whose
-                state cannot move to the host.
+                state cannot move to the host, or an `optimizer` that is
+                neither an optimizer, its name nor its config.
+            ValueError: an unknown optimizer name.
         """
         optimizer = training_options.prepare_optimizer(
             optimizer, self.training_options
         )
-        super().compile(optimizer=optimizer, **kwargs)
+        super().compile(optimizer, *args, **kwargs)
 
     def compile_from_config(self, config):
         # Keras skips compile-on-load for models that override compile();
@@ -206,9 +220,12 @@ class QLoRAModel(QLoRAWrapper, internals.SymbolicBuildHook, keras.Model):
     def get_config(self):
         report = self.qlora_report
         training = self.training_options.to_dict()
-        if training["gradient_checkpointing"] is not False:
-            # Exact paths: selectors (callables, regexes) are not stored.
-            training["gradient_checkpointing"] = list(self.remat_paths)
+        # The blocks checkpointed now, as exact paths (selectors, callables
+        # and regexes, are not stored; `enable_gradient_checkpointing` /
+        # `disable_gradient_checkpointing` may have changed them since).
+        training["gradient_checkpointing"] = (
+            remat.checkpointed_layers(self.base_model) or False
+        )
         return {
             "name": self.name,
             "base_model": keras.saving.serialize_keras_object(self.base_model),

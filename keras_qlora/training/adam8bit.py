@@ -21,6 +21,10 @@ from keras import ops
 
 from keras_qlora import internals
 from keras_qlora.quantizers import codes
+from keras_qlora.training.checks import check_count
+from keras_qlora.training.checks import check_real
+from keras_qlora.training.checks import check_table
+from keras_qlora.training.checks import is_number
 
 # Tables as float32 numpy constants; turned into tensors inside the step so
 # that each traced graph embeds them once.
@@ -48,6 +52,11 @@ def quantize_blockwise_8bit(values, midpoints, block_size: int):
 
     Returns:
         `(codes, absmax)`: uint8 `[size]` and float32 `[ceil(size / bs)]`.
+        A block holding NaN or Inf gets a non-finite absmax: it dequantizes
+        to non-finite values, never to finite numbers.
+
+    Raises:
+        ValueError: a bad `block_size`, or `midpoints` not of length 255.
 
     Example:
         >>> q, absmax = quantize_blockwise_8bit(
@@ -55,6 +64,8 @@ def quantize_blockwise_8bit(values, midpoints, block_size: int):
         >>> tuple(q.shape), tuple(absmax.shape)
         ((300,), (2,))
     """
+    check_count("block_size", block_size, minimum=1)
+    check_table("midpoints", midpoints, 255)
     # Raw TF ops, not keras.ops: this runs once per variable per step and
     # keras.ops' generic wrappers add several times the graph nodes, which
     # made tracing a train step seconds slower.
@@ -90,9 +101,28 @@ def dequantize_blockwise_8bit(q, absmax, code, block_size: int):
 
     Returns:
         float32 values `[size]`.
+
+    Raises:
+        ValueError: a bad `block_size`, `code` not of length 256, `q` not
+            1-D, or `absmax` not of length `ceil(size / block_size)`.
     """
+    check_count("block_size", block_size, minimum=1)
+    check_table("code", code, 256)
     q = tf.convert_to_tensor(q)
+    absmax = tf.convert_to_tensor(absmax)
+    if q.shape.rank != 1:
+        raise ValueError(
+            f"dequantize_blockwise_8bit: `q` must be 1-D (the codes of a "
+            f"flattened tensor). Received: q of shape {q.shape}"
+        )
     size = q.shape[0]
+    blocks = None if size is None else math.ceil(size / block_size)
+    if absmax.shape.rank != 1 or absmax.shape[0] not in (None, blocks):
+        raise ValueError(
+            f"dequantize_blockwise_8bit: `absmax` must hold one scale per "
+            f"block: shape ({blocks},) for {size} codes in blocks of "
+            f"{block_size}. Received: absmax of shape {absmax.shape}"
+        )
     values = tf.gather(tf.constant(code, tf.float32), tf.cast(q, tf.int32))
     blocks = _as_blocks(values, size, block_size)
     return _unblock(blocks * tf.expand_dims(absmax, 1), size)
@@ -143,8 +173,12 @@ class AdamW8bit(internals.OptimizerStepHooks, keras.optimizers.Optimizer):
             `gradient_accumulation_steps`, `name`, ...).
 
     Raises:
-        ValueError: for `amsgrad=True`, a bad `block_size` or
-            `min_8bit_size`, or any invalid base optimizer argument.
+        ValueError: for `amsgrad=True`; a `block_size` outside 1 ..
+            2**20 or a negative `min_8bit_size`; a float `learning_rate`,
+            `epsilon` or `weight_decay` that is negative, NaN or Inf; a
+            `beta_1` / `beta_2` outside [0, 1); any invalid base optimizer
+            argument.
+        TypeError: a hyperparameter that is not a number (a string, ...).
 
     Example:
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
@@ -170,8 +204,16 @@ class AdamW8bit(internals.OptimizerStepHooks, keras.optimizers.Optimizer):
                 "is not kept in 8 bits. Use keras.optimizers.AdamW("
                 f"amsgrad=True) instead. Received: amsgrad={amsgrad!r}"
             )
-        _check_count("block_size", block_size, minimum=1)
-        _check_count("min_8bit_size", min_8bit_size, minimum=0)
+        check_count("block_size", block_size, minimum=1)
+        check_count("min_8bit_size", min_8bit_size, minimum=0)
+        if is_number(learning_rate) or not callable(learning_rate):
+            # Schedules and callables are Keras' to check.
+            check_real("learning_rate", learning_rate, "a float >= 0")
+        check_real("beta_1", beta_1, "in [0, 1)", below_one=True)
+        check_real("beta_2", beta_2, "in [0, 1)", below_one=True)
+        check_real("epsilon", epsilon, "a float >= 0")
+        if weight_decay is not None:
+            check_real("weight_decay", weight_decay, "None or a float >= 0")
         super().__init__(
             learning_rate=learning_rate,
             weight_decay=weight_decay,
@@ -604,18 +646,6 @@ def _groups(entries, limit):
         total += size
     if group:
         yield group
-
-
-def _check_count(name: str, value, minimum: int) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
-        allowed = "a positive int" if minimum == 1 else "an int >= 0"
-        raise ValueError(
-            f"`{name}` must be {allowed}. Received: {name}={value!r}"
-        )
 
 
 def _optimizer_from_name(name: str):

@@ -92,13 +92,8 @@ class AdapterCheckpoint(keras.callbacks.Callback):
                 "save_freq must be 'epoch' or a positive int (steps). "
                 f"Received: save_freq={save_freq!r}"
             )
-        if keep is not None and (
-            isinstance(keep, bool) or not isinstance(keep, int) or keep <= 0
-        ):
-            raise ValueError(
-                f"keep must be a positive int or None. Received: keep={keep!r}"
-            )
-        self.directory = os.path.abspath(os.fspath(directory))
+        _check_keep(keep)
+        self.directory = _directory(directory, "AdapterCheckpoint")
         self.save_freq = save_freq
         self.keep = keep
         self._epoch = 0
@@ -160,17 +155,25 @@ def save_checkpoint(model, directory, epoch: int, keep=None, extra=None):
         extra: more JSON-serializable trainer state to record.
 
     Raises:
-        TypeError: not a `QLoRAModel`, or a non-int `epoch`.
-        ValueError: the model is not compiled.
+        TypeError: not a `QLoRAModel`, a non-int `epoch`, a `directory`
+            that is not a path, or an `extra` that JSON cannot hold.
+        ValueError: the model is not compiled; a negative `epoch`; a bad
+            `keep`.
         keras_qlora.adapters.NonFiniteError: the adapter or optimizer
             state holds NaN or Inf; nothing is written or pruned.
     """
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
         raise TypeError(
             f"epoch must be a non-negative int. Received: epoch={epoch!r}"
         )
+    if epoch < 0:
+        raise ValueError(
+            f"epoch must be a non-negative int. Received: epoch={epoch!r}"
+        )
+    _check_keep(keep)
+    _check_extra(extra)
     optimizer = _optimizer(model, "save_checkpoint")
-    directory = os.path.abspath(os.fspath(directory))
+    directory = _directory(directory, "save_checkpoint")
     atomic.make_dirs(directory)
     values = [np.asarray(v.numpy()) for v in optimizer.variables]
     _refuse_non_finite(optimizer.variables, values)
@@ -206,7 +209,7 @@ def save_checkpoint(model, directory, epoch: int, keep=None, extra=None):
 
 def latest_checkpoint(directory):
     """Path of the newest complete checkpoint in `directory`, or None."""
-    found = _complete(os.path.abspath(os.fspath(directory)))
+    found = _complete(_directory(directory, "latest_checkpoint"))
     return found[-1][1] if found else None
 
 
@@ -233,7 +236,7 @@ def restore_checkpoint(model, directory) -> int:
             fit it (adapter or optimizer variables differ), or its files
             are corrupt.
     """
-    directory = os.path.abspath(os.fspath(directory))
+    directory = _directory(directory, "restore_checkpoint")
     path = directory
     if not _NAME.fullmatch(os.path.basename(directory)):
         path = latest_checkpoint(directory)
@@ -262,6 +265,43 @@ def restore_checkpoint(model, directory) -> int:
 
 
 # -- private ---------------------------------------------------------------
+
+
+def _directory(directory, caller):
+    """`directory` as an absolute path; TypeError naming `caller`."""
+    if not isinstance(directory, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"keras_qlora.training.{caller}(): directory must be a path (str "
+            f"or os.PathLike). Received: directory={directory!r} of type "
+            f"{type(directory).__name__}"
+        )
+    return os.path.abspath(os.fsdecode(directory))
+
+
+def _check_keep(keep):
+    # Checked before slicing: keep=0 would prune nothing, keep=-k the k oldest.
+    if keep is not None and (
+        isinstance(keep, bool) or not isinstance(keep, int) or keep <= 0
+    ):
+        raise ValueError(
+            f"keep must be a positive int or None. Received: keep={keep!r}"
+        )
+
+
+def _check_extra(extra):
+    if extra is None:
+        return
+    if not isinstance(extra, dict):
+        raise TypeError(
+            f"extra must be a dict of JSON values. Received: extra={extra!r}"
+        )
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"extra must be a dict of JSON values (it goes to {STATE_FILE}): "
+            f"{err}. Received: extra={extra!r}"[:400]
+        ) from None
 
 
 def _step(model, counted):

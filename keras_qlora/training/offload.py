@@ -54,9 +54,14 @@ class HostOffloadOptimizer(keras.optimizers.Optimizer):
         name: optimizer name.
 
     Raises:
-        TypeError: the inner optimizer is not a supported Keras optimizer.
-        ValueError: used under a `tf.distribute` strategy (per-replica host
-            state is not implemented).
+        TypeError: the inner optimizer is not a supported Keras optimizer
+            (or is a `HostOffloadOptimizer` already); `host_device` is not
+            a string.
+        ValueError: an unknown optimizer name; a `host_device` that is
+            empty, malformed or absent from this machine; used under a
+            `tf.distribute` strategy (per-replica host state is not
+            implemented); asked to update variables other than those it
+            was built for (recompile after `set_adapter`).
 
     Example:
     >>> opt = HostOffloadOptimizer(keras.optimizers.AdamW(1e-3))
@@ -64,13 +69,20 @@ class HostOffloadOptimizer(keras.optimizers.Optimizer):
     """
 
     def __init__(self, inner_optimizer, host_device="/CPU:0", name=None):
-        inner = keras.optimizers.get(inner_optimizer)
+        inner = resolve_optimizer(
+            inner_optimizer, "HostOffloadOptimizer(inner_optimizer=...)"
+        )
         check_offloadable(inner)
-        if not isinstance(host_device, str) or not host_device:
+        if not isinstance(host_device, str):
             raise TypeError(
                 "HostOffloadOptimizer: host_device must be a TF device "
                 f"string such as '/CPU:0'. Received: host_device="
                 f"{host_device!r}"
+            )
+        if not host_device.strip():
+            raise ValueError(
+                "HostOffloadOptimizer: host_device must name a device, such "
+                f"as '/CPU:0'. Received: host_device={host_device!r}"
             )
         _check_device(host_device)
         super().__init__(learning_rate=0.0, name=name)
@@ -130,7 +142,7 @@ class HostOffloadOptimizer(keras.optimizers.Optimizer):
         """The optimizer state variables (all on `host_device`)."""
         return list(self.inner_optimizer.variables)
 
-    # -- update -----------------------------------------------------------------
+    # -- update ----------------------------------------------------------------
 
     def apply(self, grads, trainable_variables=None):
         grads = list(grads)
@@ -139,21 +151,35 @@ class HostOffloadOptimizer(keras.optimizers.Optimizer):
         trainable_variables = list(trainable_variables)
         if not self.built:
             self.build(trainable_variables)
-        if len(trainable_variables) != len(self._mirrors):
-            raise ValueError(
-                f"{type(self).__name__} was built for "
-                f"{len(self._mirrors)} variables and is now asked to update "
-                f"{len(trainable_variables)}. Recompile the model after "
-                "changing which variables are trainable."
-            )
+        self._check_same_variables(trainable_variables)
         with tf.device(self.host_device):
             host_grads = []
-            for g, v, m in zip(grads, trainable_variables, self._mirrors):
+            for g, v, m in zip(
+                grads, trainable_variables, self._mirrors, strict=True
+            ):
                 m.assign(_value(v))  # device -> host
                 host_grads.append(None if g is None else tf.identity(g))
             self.inner_optimizer.apply(host_grads, self._mirrors)
-        for v, m in zip(trainable_variables, self._mirrors):
+        for v, m in zip(trainable_variables, self._mirrors, strict=True):
             v.assign(m.read_value())  # host -> device
+
+    def _check_same_variables(self, variables):
+        # The host slots belong to the variables the optimizer was built
+        # for: updating others (e.g. another adapter after set_adapter)
+        # would carry one variable's moments over to another.
+        built = [id(v) for v in self._device_vars]
+        if [id(v) for v in variables] == built:
+            return
+        known = set(built)
+        new = [_base_name(v) for v in variables if id(v) not in known]
+        raise ValueError(
+            f"{type(self).__name__} was built for {len(built)} variables "
+            f"and is now asked to update {len(variables)}, "
+            f"{len(new)} of them new ({new[:4]}). Its state belongs to the "
+            "variables it was built for: recompile the model (or create a "
+            "new optimizer) after changing which variables are trainable "
+            "(e.g. set_adapter, add_adapter, layer.trainable)."
+        )
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
@@ -162,10 +188,10 @@ class HostOffloadOptimizer(keras.optimizers.Optimizer):
         # EMA (if the inner optimizer uses it) lives on the mirrors.
         if self.inner_optimizer.use_ema:
             self.inner_optimizer.finalize_variable_values(self._mirrors)
-            for v, m in zip(var_list, self._mirrors):
+            for v, m in zip(var_list, self._mirrors, strict=True):
                 v.assign(m.read_value())
 
-    # -- config -----------------------------------------------------------------
+    # -- config ----------------------------------------------------------------
 
     def get_config(self):
         return {
@@ -198,7 +224,9 @@ def _check_device(host_device):
     kind = (spec.device_type or "CPU").upper()
     index = spec.device_index or 0
     names = [
-        d.name for d in tf.config.list_logical_devices() if d.device_type == kind
+        d.name
+        for d in tf.config.list_logical_devices()
+        if d.device_type == kind
     ]
     if index >= len(names):
         have = [d.name for d in tf.config.list_logical_devices()]
@@ -208,6 +236,34 @@ def _check_device(host_device):
         )
 
 
+def resolve_optimizer(value, argument):
+    """A Keras optimizer from an instance, a name ("adam") or a serialized
+    config, as `keras.optimizers.get` (None stays None), with errors that
+    name `argument`.
+
+    Raises:
+        TypeError: `value` is none of those; ValueError: an unknown name
+            or a config Keras cannot deserialize.
+    """
+    if value is None or isinstance(value, keras.optimizers.Optimizer):
+        return value  # None: as Keras (compile without an optimizer)
+    if not isinstance(value, (str, dict)):
+        raise TypeError(
+            f"{argument} must be a Keras optimizer instance "
+            "(keras.optimizers.*), its name (e.g. 'adamw') or its config. "
+            f"Received: {type(value).__module__}.{type(value).__name__} "
+            f"{value!r}"[:400]
+        )
+    try:
+        return keras.optimizers.get(value)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{argument}: {value!r} is not an optimizer Keras knows "
+            f"({type(err).__name__}: {err}). Use e.g. 'adamw' or "
+            "keras.optimizers.AdamW(...)."
+        ) from None
+
+
 def check_offloadable(optimizer):
     """Raises unless `optimizer` can have its state moved to the host."""
     name = type(optimizer).__name__
@@ -215,6 +271,12 @@ def check_offloadable(optimizer):
         raise TypeError(
             "offload_optimizer needs a Keras optimizer (keras.optimizers.*). "
             f"Received: {type(optimizer).__module__}.{name}"
+        )
+    if isinstance(optimizer, HostOffloadOptimizer):
+        raise TypeError(
+            "HostOffloadOptimizer: the optimizer to offload is already a "
+            "HostOffloadOptimizer; wrap the plain optimizer once. Received: "
+            f"HostOffloadOptimizer({type(optimizer.inner_optimizer).__name__})"
         )
     if name not in _SUPPORTED:
         raise TypeError(

@@ -7,12 +7,15 @@ gradient_checkpointing=)` makes one `TrainingOptions`, which the
 """
 
 import dataclasses
-import re
+from collections.abc import Mapping
 from typing import Any
 
 import keras
 
+from keras_qlora import selectors
+from keras_qlora.training.adam8bit import AdamW8bit
 from keras_qlora.training.offload import HostOffloadOptimizer
+from keras_qlora.training.offload import resolve_optimizer
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -56,12 +59,18 @@ class TrainingOptions:
                     f"{key} must be True or False. Received: {key}={value!r}"
                 )
         gc = self.gradient_checkpointing
-        if gc is not True and gc is not False and not _is_selector(gc):
-            raise TypeError(
+        if gc is True or gc is False:
+            return
+        try:
+            # The selector is checked here, once: a bad regex or list item
+            # is refused before apply() edits anything.
+            selectors.matcher(gc)
+        except (TypeError, ValueError) as err:
+            raise type(err)(
                 "gradient_checkpointing must be True, False, or a selector "
                 "of the blocks to rematerialize (list of names, regex, "
-                f"callable). Received: gradient_checkpointing={gc!r}"
-            )
+                f"callable). Received: gradient_checkpointing={gc!r} ({err})"
+            ) from None
 
     def check_model(self, has_lora: bool):
         """Refuses optimizer options on a model that has nothing to train.
@@ -93,6 +102,11 @@ class TrainingOptions:
         """
         if isinstance(config, cls):
             return config
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(
+                "Training options must be a dict (or a TrainingOptions, or "
+                f"None). Received: {type(config).__name__} {config!r}"
+            )
         known = field_names()
         unknown = sorted(set(config or {}) - set(known))
         if unknown:
@@ -131,11 +145,9 @@ def prepare_optimizer(optimizer, options):
     Raises:
         TypeError: the optimizer cannot be made 8-bit or offloaded.
     """
-    optimizer = keras.optimizers.get(optimizer)
-    if options.optimizer_8bit and type(optimizer).__name__ != "AdamW8bit":
-        from keras_qlora.training.adam8bit import AdamW8bit
-
-        optimizer = AdamW8bit.from_optimizer(optimizer)
+    optimizer = resolve_optimizer(optimizer, "compile(optimizer=...)")
+    if options.optimizer_8bit:
+        optimizer = _to_8bit(optimizer)
     if options.offload_optimizer and not isinstance(
         optimizer, HostOffloadOptimizer
     ):
@@ -164,5 +176,23 @@ def bias_variables(entries, mode):
     return found
 
 
-def _is_selector(value):
-    return isinstance(value, (str, list, tuple, re.Pattern)) or callable(value)
+def _to_8bit(optimizer):
+    """`optimizer` as an `AdamW8bit` (inside the `HostOffloadOptimizer`
+    it may come in)."""
+    if isinstance(optimizer, HostOffloadOptimizer):
+        inner = _to_8bit(optimizer.inner_optimizer)
+        if inner is optimizer.inner_optimizer:
+            return optimizer
+        return HostOffloadOptimizer(
+            inner, host_device=optimizer.host_device, name=optimizer.name
+        )
+    if isinstance(optimizer, AdamW8bit):
+        return optimizer
+    try:
+        return AdamW8bit.from_optimizer(optimizer)
+    except (TypeError, ValueError) as err:
+        raise type(err)(
+            "compile(): apply(optimizer_8bit=True) converts the optimizer to "
+            f"keras_qlora.training.AdamW8bit, which needs an Adam or AdamW. "
+            f"{err}"
+        ) from None

@@ -40,7 +40,9 @@ def trained_variables(model, frozen_ids):
         raise ValueError(
             f"Model '{model.name}' has nothing to train: no LoRA adapter or "
             "opted-in variable is trainable. Did apply() get "
-            "target_modules=None, or were the adapters frozen?"
+            "target_modules=None (or ones that matched nothing), were the "
+            "adapters disabled (keras_qlora.disable_adapters: call "
+            "enable_adapters first) or frozen?"
         )
     return variables
 
