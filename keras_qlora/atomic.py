@@ -39,9 +39,16 @@ def check_replaceable(target, overwrite, marker, kind):
         kind: what such a directory is called in messages.
 
     Raises:
+        TypeError: `overwrite` is not a bool (a string such as "no" would
+            otherwise count as True and replace the directory).
         FileExistsError: `target` exists and `overwrite` is False.
         ValueError: `target` exists and is not a directory of this kind.
     """
+    if not isinstance(overwrite, bool):
+        raise TypeError(
+            "overwrite must be a bool (True or False). Received: "
+            f"overwrite={overwrite!r} of type {type(overwrite).__name__}"
+        )
     if not os.path.lexists(target):
         return
     if not overwrite:
