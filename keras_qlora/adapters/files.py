@@ -25,6 +25,7 @@ from keras_qlora import atomic
 from keras_qlora.adapters import config as cfg
 from keras_qlora.adapters import fingerprint as fp
 from keras_qlora.adapters import named
+from keras_qlora.atomic import NonFiniteError  # noqa: F401 (re-exported)
 from keras_qlora.layers.adapter_slots import DEFAULT_ADAPTER
 from keras_qlora.layers.adapter_slots import check_adapter_name
 
@@ -43,11 +44,6 @@ _NUMPY_DTYPES = {
     "U8": "u1",
     "BOOL": "?",
 }
-
-
-class NonFiniteError(ValueError):
-    """Weights or optimizer state hold NaN or Inf (training diverged); they
-    are never written, since nothing could load them back."""
 
 
 def save_adapter(model, path, overwrite: bool = False, name=None) -> str:
@@ -220,20 +216,16 @@ def _write(model, layers, directory, name):
 
 
 def refuse_non_finite(tensors, name):
-    bad = {
-        key: int(value.size - np.isfinite(value).sum())
-        for key, value in tensors.items()
-        if np.issubdtype(value.dtype, np.floating)
-    }
-    bad = {key: count for key, count in bad.items() if count}
-    if bad:
-        shown = ", ".join(f"'{k}' ({n})" for k, n in list(bad.items())[:5])
-        raise NonFiniteError(
-            f"Adapter {name!r} holds NaN or Inf values in {len(bad)} "
-            f"tensor(s): {shown}; training has diverged. Nothing was "
-            "written, and an adapter already at the target path is "
-            "unchanged."
-        )
+    """Raises `NonFiniteError` naming the tensors of adapter `name` that
+    hold NaN or Inf."""
+    atomic.refuse_non_finite(
+        {
+            key: int(value.size - np.isfinite(value).sum())
+            for key, value in tensors.items()
+            if np.issubdtype(value.dtype, np.floating)
+        },
+        f"Adapter {name!r}",
+    )
 
 
 def _config(model, layers, name, base_model):

@@ -92,12 +92,7 @@ class AdapterCheckpoint(keras.callbacks.Callback):
                 "save_freq must be 'epoch' or a positive int (steps). "
                 f"Received: save_freq={save_freq!r}"
             )
-        if keep is not None and (
-            isinstance(keep, bool) or not isinstance(keep, int) or keep <= 0
-        ):
-            raise ValueError(
-                f"keep must be a positive int or None. Received: keep={keep!r}"
-            )
+        _check_keep(keep)
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_freq = save_freq
         self.keep = keep
@@ -160,15 +155,23 @@ def save_checkpoint(model, directory, epoch: int, keep=None, extra=None):
         extra: more JSON-serializable trainer state to record.
 
     Raises:
-        TypeError: not a `QLoRAModel`, or a non-int `epoch`.
-        ValueError: the model is not compiled.
+        TypeError: not a `QLoRAModel`, a non-int `epoch`, or an `extra`
+            that is not a JSON-serializable dict.
+        ValueError: a negative `epoch`, a bad `keep`, or the model is not
+            compiled. All checked before anything is written or pruned.
         keras_qlora.adapters.NonFiniteError: the adapter or optimizer
             state holds NaN or Inf; nothing is written or pruned.
     """
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
         raise TypeError(
             f"epoch must be a non-negative int. Received: epoch={epoch!r}"
         )
+    if epoch < 0:
+        raise ValueError(
+            f"epoch must be a non-negative int. Received: epoch={epoch!r}"
+        )
+    _check_keep(keep)
+    _check_extra(extra)
     optimizer = _optimizer(model, "save_checkpoint")
     directory = os.path.abspath(os.fspath(directory))
     atomic.make_dirs(directory)
@@ -262,6 +265,29 @@ def restore_checkpoint(model, directory) -> int:
 
 
 # -- private ---------------------------------------------------------------
+
+
+def _check_keep(keep):
+    if keep is not None and (
+        isinstance(keep, bool) or not isinstance(keep, int) or keep <= 0
+    ):
+        raise ValueError(
+            f"keep must be a positive int or None. Received: keep={keep!r}"
+        )
+
+
+def _check_extra(extra):
+    if extra is None:
+        return
+    try:
+        if not isinstance(extra, dict):
+            raise TypeError(f"a {type(extra).__name__}")
+        json.dumps(extra)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            "extra must be a dict of JSON-serializable trainer state. "
+            f"Received: extra={extra!r} ({err})"
+        ) from None
 
 
 def _step(model, counted):
@@ -417,8 +443,11 @@ def _read_state(path):
 def _read_optimizer(path, state, variables, model):
     """Saved optimizer values, checked against `variables` in order."""
     source = os.path.join(path, OPTIMIZER_FILE)
-    with open(source, "rb") as f:
-        data = f.read()
+    try:
+        with open(source, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Checkpoint file missing: {source}") from None
     try:
         tensors = safetensors.numpy.load(data)
     except safetensors.SafetensorError as err:
