@@ -18,6 +18,27 @@ TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
 
 
+class NonFiniteError(ValueError):
+    """Weights or optimizer state hold NaN or Inf (training diverged); they
+    are never written, since nothing could load them back."""
+
+
+def refuse_non_finite(counts: dict, what: str, target=None):
+    """Raises `NonFiniteError` when any of `counts` (`{name: number of
+    NaN/Inf values}`) is non-zero; `what` says whose values they are,
+    `target` the path that was to be written."""
+    bad = {name: n for name, n in counts.items() if n}
+    if not bad:
+        return
+    shown = ", ".join(f"'{k}' ({n})" for k, n in list(bad.items())[:5])
+    kept = f" at {target}" if target else " at the target path"
+    raise NonFiniteError(
+        f"{what} holds NaN or Inf values in {len(bad)} tensor(s): {shown}; "
+        f"training has diverged. Nothing was written, and what was already"
+        f"{kept} is unchanged."
+    )
+
+
 def write_bytes(path, data: bytes):
     """Writes `data` to `path` and flushes it to disk (no rename: use inside
     a staging directory)."""
@@ -39,9 +60,16 @@ def check_replaceable(target, overwrite, marker, kind):
         kind: what such a directory is called in messages.
 
     Raises:
+        TypeError: `overwrite` is not a bool (a string such as "no" would
+            otherwise count as True and replace the directory).
         FileExistsError: `target` exists and `overwrite` is False.
         ValueError: `target` exists and is not a directory of this kind.
     """
+    if not isinstance(overwrite, bool):
+        raise TypeError(
+            "overwrite must be a bool (True or False). Received: "
+            f"overwrite={overwrite!r} of type {type(overwrite).__name__}"
+        )
     if not os.path.lexists(target):
         return
     if not overwrite:
@@ -99,6 +127,29 @@ def staging_dir(target):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def staging_file(target, suffix=""):
+    """Yields a temporary file path next to `target` (same file system,
+    ending in `suffix`); when the block completes the file is renamed onto
+    `target` in one step, and when it raises the file is removed, so
+    `target` is either the old file or the complete new one."""
+    target = os.path.abspath(os.fspath(target))
+    parent, name = os.path.split(target)
+    make_parents(target)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{name}{TMP_MARK}", suffix=suffix, dir=parent
+    )
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(parent)
 
 
 def commit_dir(tmp, target, overwrite=False):

@@ -16,6 +16,7 @@ import contextlib
 import os
 
 import keras
+import numpy as np
 
 from keras_qlora import atomic
 from keras_qlora import internals
@@ -62,6 +63,9 @@ def export(
         ValueError: the model is not built or its inputs are unknown, or
             `path` exists and is not a SavedModel directory.
         FileExistsError: `path` exists and `overwrite` is False.
+        keras_qlora.adapters.NonFiniteError (a ValueError): a weight holds
+            NaN or Inf (training diverged); nothing is written and an
+            existing SavedModel at `path` stays.
         RuntimeError: a portable export still contains `KerasQLoRA>*` ops.
 
     Example:
@@ -81,6 +85,7 @@ def export(
     atomic.check_replaceable(
         target, overwrite, _SAVED_MODEL_PB, "a SavedModel directory"
     )
+    check_finite_weights(model, target)
     tracing = qops.reference_path() if portable else contextlib.nullcontext()
     with atomic.staging_dir(target) as tmp:
         with tracing:
@@ -89,6 +94,19 @@ def export(
             _check_portable(tmp, model)
         atomic.commit_dir(tmp, target, overwrite=overwrite)
     return target
+
+
+def check_finite_weights(model, target=None):
+    """Raises `NonFiniteError` (a ValueError) naming the float variables of
+    `model` that hold NaN or Inf: a diverged model is never written
+    (`export`, `QLoRAModel.save`). `target` is the path to be written."""
+    counts = {}
+    for variable in model.weights:
+        if "float" not in keras.backend.standardize_dtype(variable.dtype):
+            continue
+        value = np.asarray(variable.numpy()).astype("float32")
+        counts[variable.path] = int(value.size - np.isfinite(value).sum())
+    atomic.refuse_non_finite(counts, f"Model '{model.name}'", target)
 
 
 def input_signature(model) -> list:

@@ -10,10 +10,14 @@ weights loaded, so a `.keras` round trip keeps the 4-bit packing and the
 separate LoRA weights.
 """
 
+import os
+
 import keras
 
+from keras_qlora import atomic
 from keras_qlora import convert
 from keras_qlora import deferred
+from keras_qlora import export
 from keras_qlora import internals
 from keras_qlora import remat
 from keras_qlora import surgery
@@ -123,6 +127,53 @@ class QLoRAModel(QLoRAWrapper, internals.SymbolicBuildHook, keras.Model):
                 "only keras_hub generative tasks (CausalLM, Seq2SeqLM) do."
             )
         return generate(*args, **kwargs)
+
+    def save(self, filepath, overwrite=True, zipped=None, **kwargs):
+        """Saves the model as `keras.Model.save` does; a local `.keras` file
+        is written atomically.
+
+        Differences from Keras for a local `.keras` path: the file is
+        assembled next to `filepath` and renamed into place, so a failed
+        save leaves the previous file as it was; a model whose weights hold
+        NaN or Inf (training diverged) is refused, since loading such a
+        file fails; and `overwrite=False` on an existing file raises
+        instead of asking on the terminal.
+
+        Raises:
+            TypeError: `overwrite` is not a bool.
+            FileExistsError: `filepath` exists and `overwrite` is False.
+            keras_qlora.adapters.NonFiniteError (a ValueError): NaN or Inf
+                weights; nothing is written.
+            NotADirectoryError: a path above `filepath` is a file.
+        """
+        path = (
+            os.fspath(filepath)
+            if isinstance(filepath, os.PathLike)
+            else filepath
+        )
+        local = (
+            isinstance(path, str)
+            and path.endswith(".keras")
+            and "://" not in path
+            and zipped is not False
+        )
+        if not local:
+            return super().save(
+                filepath, overwrite=overwrite, zipped=zipped, **kwargs
+            )
+        if not isinstance(overwrite, bool):
+            raise TypeError(
+                "overwrite must be a bool (True or False). Received: "
+                f"overwrite={overwrite!r}"
+            )
+        target = os.path.abspath(path)
+        if not overwrite and os.path.lexists(target):
+            raise FileExistsError(
+                f"{target} already exists. Pass overwrite=True to replace it."
+            )
+        export.check_finite_weights(self, target)
+        with atomic.staging_file(target, suffix=".keras") as tmp:
+            super().save(tmp, overwrite=True, zipped=zipped, **kwargs)
 
     def compile(self, optimizer="adamw", *args, **kwargs):
         """As `keras.Model.compile` (`loss`, `metrics`, ... by position or

@@ -25,13 +25,25 @@ from keras_qlora import atomic
 from keras_qlora.adapters import config as cfg
 from keras_qlora.adapters import fingerprint as fp
 from keras_qlora.adapters import named
+from keras_qlora.atomic import NonFiniteError  # noqa: F401 (re-exported)
 from keras_qlora.layers.adapter_slots import DEFAULT_ADAPTER
 from keras_qlora.layers.adapter_slots import check_adapter_name
 
-
-class NonFiniteError(ValueError):
-    """Weights or optimizer state hold NaN or Inf (training diverged); they
-    are never written, since nothing could load them back."""
+# safetensors dtypes numpy reads (little-endian, as the format stores them).
+_NUMPY_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
+    "U8": "u1",
+    "BOOL": "?",
+}
 
 
 def save_adapter(model, path, overwrite: bool = False, name=None) -> str:
@@ -48,7 +60,8 @@ def save_adapter(model, path, overwrite: bool = False, name=None) -> str:
         The absolute path written.
 
     Raises:
-        TypeError: not a `QLoRAModel`.
+        TypeError: not a `QLoRAModel`, a non-string `name` or a non-bool
+            `overwrite`.
         FileExistsError: `path` exists and `overwrite` is False.
         ValueError: unknown adapter name; weights that hold NaN or Inf
             (a diverged run: `load_adapter` could not load them, so
@@ -60,7 +73,11 @@ def save_adapter(model, path, overwrite: bool = False, name=None) -> str:
     >>> keras_qlora.save_adapter(model, "adapters/sst2")
     """
     layers = named.lora_layers(model, "save_adapter")
-    name = named.active_adapter(model) if name is None else name
+    name = (
+        named.active_adapter(model)
+        if name is None
+        else check_adapter_name(name)
+    )
     if name not in named.list_adapters(model):
         raise ValueError(
             f"The model has no adapter named {name!r}. Its adapters: "
@@ -188,7 +205,7 @@ def _write(model, layers, directory, name):
         tensors[f"{path}/lora_b"] = lora_b.numpy()
     tensors.update(named.module_values(model, name))
     tensors = {k: np.require(v, requirements="C") for k, v in tensors.items()}
-    _refuse_non_finite(tensors, name)
+    refuse_non_finite(tensors, name)
     data = safetensors.numpy.save(tensors, metadata={"format": cfg.FORMAT})
     config = _config(model, layers, name, fp.fingerprint(model.qlora_layers()))
     config["weights_sha256"] = hashlib.sha256(data).hexdigest()
@@ -198,21 +215,17 @@ def _write(model, layers, directory, name):
     )
 
 
-def _refuse_non_finite(tensors, name):
-    bad = {
-        key: int(value.size - np.isfinite(value).sum())
-        for key, value in tensors.items()
-        if np.issubdtype(value.dtype, np.floating)
-    }
-    bad = {key: count for key, count in bad.items() if count}
-    if bad:
-        shown = ", ".join(f"'{k}' ({n})" for k, n in list(bad.items())[:5])
-        raise NonFiniteError(
-            f"Adapter {name!r} holds NaN or Inf values in {len(bad)} "
-            f"tensor(s): {shown}; training has diverged. Nothing was "
-            "written, and an adapter already at the target path is "
-            "unchanged."
-        )
+def refuse_non_finite(tensors, name):
+    """Raises `NonFiniteError` naming the tensors of adapter `name` that
+    hold NaN or Inf."""
+    atomic.refuse_non_finite(
+        {
+            key: int(value.size - np.isfinite(value).sum())
+            for key, value in tensors.items()
+            if np.issubdtype(value.dtype, np.floating)
+        },
+        f"Adapter {name!r}",
+    )
 
 
 def _config(model, layers, name, base_model):
@@ -250,13 +263,32 @@ def _read(path):
 
 
 def _parse_safetensors(data, source):
+    """`{key: numpy array}`; bfloat16 tensors (which numpy lacks) are
+    widened to float32, exactly."""
     try:
-        return safetensors.numpy.load(data)
+        entries = safetensors.deserialize(data)
     except safetensors.SafetensorError as err:
         raise ValueError(
             f"{source} is not a readable safetensors file ({err}); it may be "
             "truncated or corrupt."
         ) from None
+    tensors = {}
+    for key, entry in entries:
+        dtype, raw = entry["dtype"], entry["data"]
+        if dtype == "BF16":
+            # bfloat16 is the top half of a float32.
+            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+            value = bits.view(np.float32)
+        elif dtype in _NUMPY_DTYPES:
+            value = np.frombuffer(raw, dtype=_NUMPY_DTYPES[dtype]).copy()
+        else:
+            raise ValueError(
+                f"{source}: tensor '{key}' has dtype {dtype}, which "
+                "keras_qlora cannot read; adapter weights are F16, BF16, F32 "
+                "or F64."
+            )
+        tensors[key] = value.reshape(entry["shape"])
+    return tensors
 
 
 def _check_tensors(tensors, variables, source):

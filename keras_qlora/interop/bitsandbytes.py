@@ -56,7 +56,9 @@ def to_bitsandbytes(state_or_layer: Any, prefix: str = "weight") -> dict:
         `bitsandbytes.nn.Params4bit.from_prequantized`.
 
     Raises:
-        TypeError: neither an `NF4State` nor a QLoRA layer.
+        TypeError: neither an `NF4State` nor a QLoRA layer, or a non-string
+            `prefix`.
+        ValueError: an empty `prefix`.
 
     Example:
     >>> import numpy as np
@@ -107,8 +109,8 @@ def from_bitsandbytes(state_dict: Mapping, prefix: str = "weight") -> NF4State:
         `dequantize_4bit` transposed, bit for bit.
 
     Raises:
-        TypeError: `state_dict` is not a mapping, or an entry is not an
-            array.
+        TypeError: `state_dict` is not a mapping, an entry is not an
+            array, or `prefix` is not a string.
         ValueError: a missing or malformed entry, fp4 weights, a block size
             keras_qlora does not support, or a code table that is not NF4's.
             The message names the key, what it holds and what is allowed.
@@ -182,7 +184,12 @@ def _as_state(obj) -> NF4State:
 
 
 def _check_prefix(prefix):
-    if not isinstance(prefix, str) or not prefix:
+    if not isinstance(prefix, str):
+        raise TypeError(
+            "prefix must be the key of the weight, a string such as "
+            f"'weight'. Received: prefix={prefix!r}"
+        )
+    if not prefix:
         raise ValueError(
             "prefix must be the non-empty key of the weight, e.g. 'weight'. "
             f"Received: prefix={prefix!r}"

@@ -32,6 +32,7 @@ import numpy as np
 
 from keras_qlora import atomic
 from keras_qlora import surgery
+from keras_qlora.adapters import files as adapter_files
 from keras_qlora.adapters import named
 from keras_qlora.adapters.files import LoadPlan
 from keras_qlora.interop import hf_modules
@@ -152,6 +153,9 @@ def save_peft_adapter(
         ValueError: unknown adapter or naming, LoRA layers without an HF
             name, `modules_to_save` (PEFT would need their HF names too),
             or `path` is something other than an adapter directory.
+            `keras_qlora.adapters.NonFiniteError` (a ValueError): weights
+            holding NaN or Inf; nothing is written, an existing adapter at
+            `path` stays.
 
     Example:
     >>> save_peft_adapter(model, "peft_adapter", naming="hf-gpt2")
@@ -180,6 +184,8 @@ def save_peft_adapter(
         tensors[peft_files.lora_key(root + m, "A")] = lora_a
         tensors[peft_files.lora_key(root + m, "B")] = lora_b
         ranks[root + m] = lora_a.shape[0]
+    # A diverged adapter is never written (nothing could load it back).
+    adapter_files.refuse_non_finite(tensors, name)
     config = _config(model, naming, root, ranks, next(iter(layers.values())))
     target = os.path.abspath(os.fspath(path))
     atomic.check_replaceable(
@@ -211,7 +217,22 @@ def read_adapter(directory) -> tuple:
         FileNotFoundError / ValueError: as `load_peft_adapter`.
     """
     config, tensors = _read(directory)
-    return config, _pairs(tensors, directory)
+    pairs = _pairs(tensors, directory)
+    for full, pair in pairs.items():
+        _check_pair(full, pair, config)
+    return config, pairs
+
+
+def check_module_shape(full, pair, k, n, pieces, paths):
+    """Raises unless the module's A `[r, in]` and B `[out, r]` fit layers
+    mapping `[K, N]` (`pieces` of them side by side, named by `paths`)."""
+    a, b = pair["A"], pair["B"]
+    if a.shape[1] != k or b.shape[0] != n * pieces:
+        raise ValueError(
+            f"PEFT module '{full}' maps [in={a.shape[1]}] -> "
+            f"[out={b.shape[0]}]; the model's layer(s) {paths} map "
+            f"[in={k}] -> [out={n * pieces}]."
+        )
 
 
 def _read(directory):
@@ -260,21 +281,32 @@ def _pairs(tensors, source):
     return pairs
 
 
-def _module_values(full, module, pair, config, layers):
-    """`[(layer, "lora_a" | "lora_b", value)]` for one HF module."""
+def _check_pair(full, pair, config):
+    """What a module's A and B must be whatever the model: matrices of one
+    rank, the config's, with finite values."""
     a, b = pair["A"], pair["B"]
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
         raise ValueError(
             f"PEFT module '{full}': lora_A {list(a.shape)} and lora_B "
             f"{list(b.shape)} must be [r, in] and [out, r]."
         )
-    rank = a.shape[0]
-    config_rank, alpha = config.rank_and_alpha(full)
-    if rank != config_rank:
+    config_rank, _ = config.rank_and_alpha(full)
+    if a.shape[0] != config_rank:
         raise ValueError(
-            f"PEFT module '{full}' has weights of rank {rank} but the config "
-            f"gives it r={config_rank} (r / rank_pattern)."
+            f"PEFT module '{full}' has weights of rank {a.shape[0]} but the "
+            f"config gives it r={config_rank} (r / rank_pattern)."
         )
+    for which, value in (("lora_A", a), ("lora_B", b)):
+        if not np.isfinite(value).all():
+            raise ValueError(f"PEFT module '{full}': {which} has NaN or Inf.")
+
+
+def _module_values(full, module, pair, config, layers):
+    """`[(layer, "lora_a" | "lora_b", value)]` for one HF module (its pair
+    checked by `_check_pair`)."""
+    a, b = pair["A"], pair["B"]
+    rank = a.shape[0]
+    _, alpha = config.rank_and_alpha(full)
     present = sorted(module.layers)
     shapes = {layers[module.layers[p]].kernel_2d_shape for p in present}
     if len(shapes) != 1:
@@ -282,16 +314,8 @@ def _module_values(full, module, pair, config, layers):
             f"The pieces of '{full}' have different shapes: {sorted(shapes)}"
         )
     k, n = shapes.pop()
-    if a.shape[1] != k or b.shape[0] != n * module.pieces:
-        raise ValueError(
-            f"PEFT module '{full}' maps [in={a.shape[1]}] -> "
-            f"[out={b.shape[0]}]; the model's layer(s) "
-            f"{[module.layers[p] for p in present]} map [in={k}] -> "
-            f"[out={n * module.pieces}]."
-        )
-    for which, value in (("lora_A", a), ("lora_B", b)):
-        if not np.isfinite(value).all():
-            raise ValueError(f"PEFT module '{full}': {which} has NaN or Inf.")
+    paths = [module.layers[p] for p in present]
+    check_module_shape(full, pair, k, n, module.pieces, paths)
     scale = peft_files.lora_scale(alpha, rank, config.use_rslora)
     out = []
     for piece in range(module.pieces):

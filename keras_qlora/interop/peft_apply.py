@@ -11,6 +11,7 @@ or scale is refused, naming them.
 import math
 import os
 
+import keras
 import numpy as np
 
 from keras_qlora import convert
@@ -19,6 +20,7 @@ from keras_qlora import surgery
 from keras_qlora.interop import hf_modules
 from keras_qlora.interop import names
 from keras_qlora.interop import peft
+from keras_qlora.layers import plan_einsum
 from keras_qlora.layers.adapter_slots import DEFAULT_ADAPTER
 from keras_qlora.selectors import exact_paths
 
@@ -75,7 +77,7 @@ def apply_peft_adapter(
     naming = names.get_naming(naming)
     directory = os.path.abspath(os.fspath(path))
     config, pairs = peft.read_adapter(directory)
-    modules = _linear_modules(model, naming)
+    modules, shapes = _linear_modules(model, naming)
     root = hf_modules.pick_root(
         naming,
         module_prefix,
@@ -94,6 +96,9 @@ def apply_peft_adapter(
                 f"prefix {root!r}). Its modules are: "
                 f"{sorted(root + m for m in modules)[:12]}"
             )
+        # Checked before apply() edits the model (read_adapter checked
+        # what does not depend on it).
+        _check_shape(full, pair, module, shapes)
         lora = _pieces_with_lora(module, pair["B"])
         rank = _layer_rank(pair, module, lora)
         r, alpha = config.rank_and_alpha(full)
@@ -122,10 +127,11 @@ def apply_peft_adapter(
     return qlora
 
 
-def _linear_modules(model, naming) -> dict:
-    """`{HF module name: hf_modules.Module}` of the model's float linear
-    layers (layers without an HF name are left out)."""
-    modules = {}
+def _linear_modules(model, naming) -> tuple:
+    """`({HF module name: hf_modules.Module}, {path: (K, N)})` of the
+    model's float linear layers (layers without an HF name are left out);
+    `(K, N)` is the 2-D view a QLoRA layer of it would have."""
+    modules, shapes = {}, {}
     for entry in surgery.walk(model):
         if not convert.convertible(entry.layer):
             continue
@@ -136,7 +142,27 @@ def _linear_modules(model, naming) -> dict:
             target.module, hf_modules.Module(target.module, target.pieces)
         )
         module.layers[target.piece] = entry.path
-    return modules
+        shapes[entry.path] = _kernel_2d_shape(entry.layer)
+    return modules, shapes
+
+
+def _kernel_2d_shape(layer) -> tuple:
+    kernel_shape = tuple(int(d) for d in layer.kernel.shape)
+    if isinstance(layer, keras.layers.EinsumDense):
+        plan = plan_einsum(layer.equation, kernel_shape)
+        return plan.k, plan.n
+    return kernel_shape
+
+
+def _check_shape(full, pair, module, shapes):
+    paths = [module.layers[p] for p in sorted(module.layers)]
+    found = {shapes[p] for p in paths}
+    if len(found) != 1:
+        raise ValueError(
+            f"The pieces of '{full}' have different shapes: {sorted(found)}"
+        )
+    k, n = found.pop()
+    peft.check_module_shape(full, pair, k, n, module.pieces, paths)
 
 
 def _pieces_with_lora(module, b) -> list:

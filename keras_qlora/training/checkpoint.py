@@ -158,7 +158,7 @@ def save_checkpoint(model, directory, epoch: int, keep=None, extra=None):
         TypeError: not a `QLoRAModel`, a non-int `epoch`, a `directory`
             that is not a path, or an `extra` that JSON cannot hold.
         ValueError: the model is not compiled; a negative `epoch`; a bad
-            `keep`.
+            `keep`. All checked before anything is written or pruned.
         keras_qlora.adapters.NonFiniteError: the adapter or optimizer
             state holds NaN or Inf; nothing is written or pruned.
     """
@@ -457,8 +457,11 @@ def _read_state(path):
 def _read_optimizer(path, state, variables, model):
     """Saved optimizer values, checked against `variables` in order."""
     source = os.path.join(path, OPTIMIZER_FILE)
-    with open(source, "rb") as f:
-        data = f.read()
+    try:
+        with open(source, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Checkpoint file missing: {source}") from None
     try:
         tensors = safetensors.numpy.load(data)
     except safetensors.SafetensorError as err:
