@@ -20,17 +20,9 @@ import numpy as np
 import keras_qlora
 from keras_qlora.layers import QLoRALayerBase
 
-if __package__:
-    from .catalog import Case
-    from .catalog import Correct
-    from .catalog import Refused
-else:
-    # catalog.py run as a script: its classes are those of __main__ (a
-    # fresh `import catalog` would make a second copy that its isinstance
-    # checks do not recognize).
-    from __main__ import Case
-    from __main__ import Correct
-    from __main__ import Refused
+from .catalog import Case
+from .catalog import Correct
+from .catalog import Refused
 
 X = np.ones((2, 32), "float32")
 QDense = keras_qlora.QLoRADense

@@ -19,16 +19,10 @@ import zipfile
 
 import numpy as np
 
-try:
-    from .catalog import Case
-    from .catalog import Correct
-    from .catalog import Refused
-    from .catalog import files_kept
-except ImportError:  # run as `python tests/robustness/catalog.py`
-    from __main__ import Case
-    from __main__ import Correct
-    from __main__ import Refused
-    from __main__ import files_kept
+from .catalog import Case
+from .catalog import Correct
+from .catalog import Refused
+from .catalog import files_kept
 
 ADAPTER_CFG = "adapter_config.json"
 ADAPTER_W = "adapter_model.safetensors"

@@ -23,16 +23,9 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-try:
-    from .catalog import Case
-    from .catalog import Correct
-    from .catalog import Refused
-except ImportError:  # catalog.py run as a script (or as a case's child):
-    # a fresh `import catalog` would be a second copy, whose classes its
-    # isinstance checks would not recognize.
-    from __main__ import Case
-    from __main__ import Correct
-    from __main__ import Refused
+from .catalog import Case
+from .catalog import Correct
+from .catalog import Refused
 
 K, N, BLOCK = 64, 32, 64  # 2048 elements, 32 blocks, 1024 packed bytes
 NO_COMPILER = "no-such-compiler-kq"

@@ -13,7 +13,6 @@ on "q"; one case uses a two-block keras_hub BERT of hidden size 16.
 """
 
 import dataclasses
-import sys
 import warnings
 
 import keras
@@ -29,20 +28,10 @@ from keras_qlora.training import AdapterCheckpoint
 from keras_qlora.training import HostOffloadOptimizer
 from keras_qlora.training import TrainingOptions
 
-if __package__:
-    from . import catalog as _catalog
-elif getattr(sys.modules["__main__"], "__file__", "").endswith("catalog.py"):
-    # `python tests/robustness/catalog.py`: the script's own classes are the
-    # ones its `classify` checks with isinstance (a second `import catalog`
-    # would make other classes).
-    _catalog = sys.modules["__main__"]
-else:
-    import catalog as _catalog
-
-Case = _catalog.Case
-Correct = _catalog.Correct
-Refused = _catalog.Refused
-files_kept = _catalog.files_kept
+from .catalog import Case
+from .catalog import Correct
+from .catalog import Refused
+from .catalog import files_kept
 
 # -- helpers ----------------------------------------------------------------
 
@@ -773,12 +762,6 @@ CASES += [
     ),
     Case(
         "save_checkpoint",
-        "epoch a float",
-        _save(_compiled, epoch=1.5),
-        Refused(TypeError, r"non-negative int", names=("epoch=1.5",)),
-    ),
-    Case(
-        "save_checkpoint",
         "keep negative (pruned the oldest before)",
         _save_after_good(epoch=2, keep=-1),
         Refused(ValueError, r"keep must be a positive int", names=("keep=-1",)),
@@ -816,12 +799,6 @@ CASES += [
         Refused(
             TypeError, r"expects the model returned by", names=("Sequential",)
         ),
-    ),
-    Case(
-        "save_checkpoint",
-        "directory is a file",
-        _save(_compiled, directory=_file, epoch=0),
-        Refused(NotADirectoryError, r"is a file", names=("{tmp}/file",)),
     ),
     Case(
         "save_checkpoint",

@@ -39,13 +39,6 @@ import tempfile
 import traceback
 from collections.abc import Callable
 
-# The modules holding the cases (each defines CASES, a list of Case).
-CASE_MODULES = (
-    "cases_apply",
-    "cases_files",
-    "cases_ops",
-    "cases_training",
-)
 OUTCOMES = ("clear error", "correct", "other")
 CHILD_TIMEOUT_S = 300
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -137,12 +130,18 @@ def missing_needs(case) -> list:
     return missing
 
 
+def case_modules() -> list:
+    """Names of the modules holding the cases: every `cases_*.py` next to
+    this file (each defines CASES, a list of Case)."""
+    here = pathlib.Path(__file__).resolve().parent
+    return sorted(p.stem for p in here.glob("cases_*.py"))
+
+
 def load_cases() -> list:
-    """Every case of `CASE_MODULES`, ids unique."""
+    """Every case of `case_modules()`, ids unique."""
     cases = []
-    for name in CASE_MODULES:
-        qualified = f"{__package__}.{name}" if __package__ else name
-        cases.extend(importlib.import_module(qualified).CASES)
+    for name in case_modules():
+        cases.extend(importlib.import_module(f"{__package__}.{name}").CASES)
     ids = [c.id for c in cases]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     assert not duplicates, f"duplicate case ids: {duplicates}"
@@ -261,5 +260,10 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    sys.exit(_main(sys.argv[1:]))
+    # Run as a script (and in the child processes): import this file as
+    # `robustness.catalog`, as pytest does, so that the case modules'
+    # `from .catalog import ...` and `classify` see the same classes.
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from robustness import catalog
+
+    sys.exit(catalog._main(sys.argv[1:]))
