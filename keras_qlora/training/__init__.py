@@ -6,8 +6,8 @@ from keras_qlora.remat import checkpointed_layers
 from keras_qlora.remat import disable_gradient_checkpointing
 from keras_qlora.remat import enable_gradient_checkpointing
 from keras_qlora.training.adam8bit import AdamW8bit
-from keras_qlora.training.adam8bit import dequantize_blockwise_8bit
-from keras_qlora.training.adam8bit import quantize_blockwise_8bit
+from keras_qlora.training.blockwise8bit import dequantize_blockwise_8bit
+from keras_qlora.training.blockwise8bit import quantize_blockwise_8bit
 from keras_qlora.training.checkpoint import AdapterCheckpoint
 from keras_qlora.training.checkpoint import latest_checkpoint
 from keras_qlora.training.checkpoint import restore_checkpoint
