@@ -48,6 +48,29 @@ def write_bytes(path, data: bytes):
         os.fsync(f.fileno())
 
 
+def check_overwrite(target, overwrite) -> bool:
+    """Checks `overwrite` for a write to `target`; returns whether `target`
+    exists (and may then be replaced).
+
+    Raises:
+        TypeError: `overwrite` is not a bool (a string such as "no" would
+            otherwise count as True and replace the file).
+        FileExistsError: `target` exists and `overwrite` is False.
+    """
+    if not isinstance(overwrite, bool):
+        raise TypeError(
+            "overwrite must be a bool (True or False). Received: "
+            f"overwrite={overwrite!r} of type {type(overwrite).__name__}"
+        )
+    if not os.path.lexists(target):
+        return False
+    if not overwrite:
+        raise FileExistsError(
+            f"{target} already exists. Pass overwrite=True to replace it."
+        )
+    return True
+
+
 def check_replaceable(target, overwrite, marker, kind):
     """Fails unless `target` may be written: it must not exist, or
     `overwrite` is set and it is an empty directory or one holding
@@ -65,17 +88,8 @@ def check_replaceable(target, overwrite, marker, kind):
         FileExistsError: `target` exists and `overwrite` is False.
         ValueError: `target` exists and is not a directory of this kind.
     """
-    if not isinstance(overwrite, bool):
-        raise TypeError(
-            "overwrite must be a bool (True or False). Received: "
-            f"overwrite={overwrite!r} of type {type(overwrite).__name__}"
-        )
-    if not os.path.lexists(target):
+    if not check_overwrite(target, overwrite):
         return
-    if not overwrite:
-        raise FileExistsError(
-            f"{target} already exists. Pass overwrite=True to replace it."
-        )
     ours = os.path.isdir(target) and (
         not os.listdir(target) or os.path.isfile(os.path.join(target, marker))
     )

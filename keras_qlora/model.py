@@ -161,16 +161,8 @@ class QLoRAModel(QLoRAWrapper, internals.SymbolicBuildHook, keras.Model):
             return super().save(
                 filepath, overwrite=overwrite, zipped=zipped, **kwargs
             )
-        if not isinstance(overwrite, bool):
-            raise TypeError(
-                "overwrite must be a bool (True or False). Received: "
-                f"overwrite={overwrite!r}"
-            )
         target = os.path.abspath(path)
-        if not overwrite and os.path.lexists(target):
-            raise FileExistsError(
-                f"{target} already exists. Pass overwrite=True to replace it."
-            )
+        atomic.check_overwrite(target, overwrite)
         export.check_finite_weights(self, target)
         with atomic.staging_file(target, suffix=".keras") as tmp:
             super().save(tmp, overwrite=True, zipped=zipped, **kwargs)
