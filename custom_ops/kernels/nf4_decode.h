@@ -79,24 +79,19 @@ void ParallelRange(Pool* pool, int64_t total, int64_t cost, const Fn& fn) {
       [&](int64_t begin, int64_t end) { fn(begin, end); });
 }
 
-// Kernels of one instruction set. `decode` writes a row segment in chunk
-// order when p.chunk_order; `micro` adds a (mr x mp) tile of
-// A (mr x len) @ Xp (len x mp) into ct (row stride ldc), where A(i, q) is
-// a[i * ld + q] (a_rows) or a[q * ld + i].
+// Small-M kernels of one instruction set (the large-M ones are in
+// nf4_gemm.h). `decode` writes a row segment in chunk order when
+// p.chunk_order.
 struct IsaKernels {
   const char* name;
   void (*decode)(const Problem&, int64_t, int64_t, int64_t, float*);
   float (*dot)(const float*, const float*, int64_t);
   void (*axpy4)(float*, const float* const*, const float*, int64_t);
-  void (*micro)(const float*, int64_t, bool, const float*, int64_t, float*,
-                int64_t);
   // Optional, chunk order only: y[i * ldy + j] for i < m and rows j in
   // [row0, row1) of xc (M x K) @ W, decoding W^T in registers (nullptr:
   // decode + dot).
   void (*fused_rows)(const Problem&, int64_t, int64_t, const float*, int64_t,
                      float*, int64_t);
-  int64_t mr;         // output rows per micro tile
-  int64_t mp;         // x rows per packed panel
   int64_t gemv_rows;  // forward with M up to this (fused_rows) skips GEMM
 };
 

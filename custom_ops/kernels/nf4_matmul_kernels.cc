@@ -3,10 +3,12 @@
 //
 // Two paths, both accumulating in float32 and never materializing W:
 // - small M (GEMV, nf4_gemv.h): every weight byte is read once;
-// - large M (GEMM, nf4_gemm.h): tiles of W^T are decoded into per-thread
-//   scratch and a register-blocked micro-kernel runs over packed panels of x.
-// The SIMD paths (AVX2, AVX-512) are chosen at run time; KERAS_QLORA_CPU_ISA
-// = auto|scalar|avx2|avx512 forces one (read once per process). All scratch
+// - large M (GEMM, nf4_gemm.h): blocks of W are decoded into per-thread
+//   panels and a register-blocked micro-kernel writes y directly; bf16 x
+//   runs in bf16 x bf16 -> float32 (vdpbf16ps) on CPUs with AVX512_BF16.
+// The SIMD paths (AVX2, AVX-512, AVX512_BF16) are chosen at run time;
+// KERAS_QLORA_CPU_ISA = auto|scalar|avx2|avx512|avx512_bf16 forces one (read
+// once per process; avx512 leaves the bf16 kernels out). All scratch
 // comes from ctx->allocate_temp before the work is sharded, so that worker
 // threads never allocate (nor throw).
 
@@ -42,23 +44,22 @@ constexpr int64_t kMaxGemvRows = 12;  // M up to this uses the GEMV path
 // ---------------------------------------------------------------- ISAs
 
 constexpr IsaKernels kScalarKernels = {
-    "scalar", DecodeNatural, DotScalar, Axpy4Scalar, MicroScalar, nullptr,
-    4, 8, kMaxGemvRows};
+    "scalar", DecodeNatural, DotScalar, Axpy4Scalar, nullptr, kMaxGemvRows};
 
 constexpr IsaKernels kAvx2Kernels = {
-    "avx2", DecodeAvx2, DotAvx2, Axpy4Avx2, MicroAvx2, nullptr,
-    6, 16, kMaxGemvRows};
+    "avx2", DecodeAvx2, DotAvx2, Axpy4Avx2, nullptr, kMaxGemvRows};
 
 // The register-decoding GEMV beats a (zero-padded) 32-row GEMM panel for
 // M up to ~20; from M = 24 the panel is full enough to win or tie.
 constexpr IsaKernels kAvx512Kernels = {
-    "avx512", DecodeAvx512, DotAvx512, Axpy4Avx512, MicroAvx512,
-    FusedRowsAvx512, 12, 32, 20};
+    "avx512", DecodeAvx512, DotAvx512, Axpy4Avx512, FusedRowsAvx512, 20};
 
 // ---------------------------------------------------------------- dispatch
 
 struct IsaChoice {
   const IsaKernels* kernels = nullptr;
+  const GemmKernels* gemm = nullptr;
+  const GemmKernels* gemm_bf16 = nullptr;  // bf16 x: vdpbf16ps, or nullptr
   std::string error;  // non-empty: KERAS_QLORA_CPU_ISA is invalid
 };
 
@@ -67,12 +68,17 @@ IsaChoice ResolveIsa() {
   const bool avx2 =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
+  const bool bf16 = avx512 && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") &&
+                    __builtin_cpu_supports("avx512bf16");
   const IsaKernels* best =
       avx512 ? &kAvx512Kernels : (avx2 ? &kAvx2Kernels : &kScalarKernels);
   const char* env = std::getenv("KERAS_QLORA_CPU_ISA");
   const std::string want = env == nullptr ? "" : env;
   IsaChoice choice;
-  if (want.empty() || want == "auto") {
+  bool use_bf16 = bf16;
+  std::string got;  // what runs, in KERAS_QLORA_CPU_ISA's words
+  if (want.empty() || want == "auto" || want == "avx512_bf16") {
     choice.kernels = best;
   } else if (want == "scalar") {
     choice.kernels = &kScalarKernels;
@@ -80,16 +86,24 @@ IsaChoice ResolveIsa() {
     choice.kernels = avx2 ? &kAvx2Kernels : &kScalarKernels;
   } else if (want == "avx512") {
     choice.kernels = best;
+    use_bf16 = false;
   } else {
     choice.error = "KERAS_QLORA_CPU_ISA must be one of auto, scalar, avx2, "
-                   "avx512. Received: KERAS_QLORA_CPU_ISA=" + want;
+                   "avx512, avx512_bf16. Received: KERAS_QLORA_CPU_ISA=" +
+                   want;
     return choice;
   }
-  if (!want.empty() && want != "auto" && want != choice.kernels->name) {
+  choice.gemm = choice.kernels == &kAvx512Kernels ? &kGemmAvx512
+                : choice.kernels == &kAvx2Kernels ? &kGemmAvx2
+                                                  : &kGemmScalar;
+  if (use_bf16 && choice.kernels == &kAvx512Kernels)
+    choice.gemm_bf16 = &kGemmBf16;
+  got = choice.gemm_bf16 != nullptr ? "avx512_bf16" : choice.kernels->name;
+  if (!want.empty() && want != "auto" && want != got) {
     LOG(WARNING) << "KERAS_QLORA_CPU_ISA=" << want << " is not supported by "
-                 << "this CPU; using " << choice.kernels->name;
+                 << "this CPU; using " << got;
   }
-  VLOG(1) << "KerasQLoRA>NF4Matmul CPU kernels: " << choice.kernels->name;
+  VLOG(1) << "KerasQLoRA>NF4Matmul CPU kernels: " << got;
   return choice;
 }
 
@@ -148,6 +162,8 @@ class Nf4MatmulOp : public OpKernel {
     const IsaChoice& isa = GetIsa();
     OP_REQUIRES(ctx, isa.error.empty(), InvalidArgument(isa.error));
     isa_ = isa.kernels;
+    gemm_ = isa.gemm;
+    gemm_bf16_ = isa.gemm_bf16;
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -198,16 +214,24 @@ class Nf4MatmulOp : public OpKernel {
         GemvForward(*isa_, p, pool, scratch, xf, m, attrs_.n, yf);
       }
     } else {
-      const int64_t mpad = nf4::CeilDiv(m, isa_->mp) * isa_->mp;
-      OP_REQUIRES_OK(ctx, AllocateFloats(ctx, mpad * in_dim, &tmp));
-      scratch.per_thread = GemmScratch(*isa_);
+      // bf16 x runs bf16 x bf16 -> float32 (vdpbf16ps) where the CPU has it
+      // and rows of W^T decode in whole chunks; otherwise x becomes float32.
+      const bool bf16 = std::is_same<T, ::tensorflow::bfloat16>::value &&
+                        gemm_bf16_ != nullptr && attrs_.k % kChunk == 0;
+      const GemmPlan plan =
+          PlanGemm(bf16 ? *gemm_bf16_ : *gemm_, bf16, float_out, m, out_dim,
+                   in_dim, pool->NumThreads());
+      const float* xs = reinterpret_cast<const float*>(xd);  // in place
+      if (!plan.in_place) {
+        OP_REQUIRES_OK(ctx, AllocateFloats(ctx, plan.SkewedFloats(m), &tmp));
+        SkewRows(pool, xd, m, in_dim, plan, tmp.flat<float>().data());
+        xs = tmp.flat<float>().data();
+      }
+      scratch.per_thread = GemmScratch(plan);
       OP_REQUIRES_OK(ctx, AllocateFloats(ctx, threads * scratch.per_thread,
                                          &scratch_t));
       scratch.base = scratch_t.flat<float>().data();
-      float* xp = tmp.flat<float>().data();
-      PackPanels(pool, xd, m, in_dim, isa_->mp,
-                 p.chunk_order && !attrs_.transpose, xp);
-      Gemm(*isa_, p, pool, scratch, xp, m, out_dim, in_dim, attrs_.transpose,
+      Gemm(plan, p, pool, scratch, xs, m, out_dim, in_dim, attrs_.transpose,
            yf);
     }
     if (!float_out) FromFloat(pool, yf, m * out_dim, y->flat<T>().data());
@@ -233,6 +257,8 @@ class Nf4MatmulOp : public OpKernel {
 
   Nf4MatmulAttrs attrs_;
   const IsaKernels* isa_ = nullptr;
+  const GemmKernels* gemm_ = nullptr;
+  const GemmKernels* gemm_bf16_ = nullptr;
 };
 
 #define KQ_REGISTER(T, AbsT)                                       \

@@ -17,8 +17,8 @@
 // register during the scale search), AVX2 (8 blocks) and scalar. The scale
 // search walks a block-transposed copy of 16 (8) blocks so that each lane
 // adds its own block's squares in order, which makes the float64 sum both
-// sequential and vectorized. KERAS_QLORA_CPU_ISA=auto|scalar|avx2|avx512
-// caps the path; unlike the matmul kernels it is read on every call, so
+// sequential and vectorized. KERAS_QLORA_CPU_ISA (auto, scalar, avx2,
+// avx512 or avx512_bf16, which quantizes as avx512) caps the path; unlike the matmul kernels it is read on every call, so
 // tests can switch paths within one process.
 
 #include <algorithm>
@@ -95,12 +95,12 @@ Isa BestIsa() {
     cap = Isa::kScalar;
   } else if (want == "avx2") {
     cap = Isa::kAvx2;
-  } else if (want == "avx512") {
-    cap = Isa::kAvx512;
+  } else if (want == "avx512" || want == "avx512_bf16") {
+    cap = Isa::kAvx512;  // quantizing has no bf16 kernels
   } else {
     return errors::InvalidArgument(
-        "KERAS_QLORA_CPU_ISA must be one of auto, scalar, avx2, avx512. "
-        "Received: KERAS_QLORA_CPU_ISA=",
+        "KERAS_QLORA_CPU_ISA must be one of auto, scalar, avx2, avx512, "
+        "avx512_bf16. Received: KERAS_QLORA_CPU_ISA=",
         want);
   }
   *isa = std::min(*isa, cap);

@@ -46,7 +46,7 @@ class LoaderState:
 _lock = threading.Lock()
 _state = LoaderState()
 # The values the CPU kernels accept (custom_ops/kernels/*.cc, ChooseIsa).
-CPU_ISAS = ("auto", "scalar", "avx2", "avx512")
+CPU_ISAS = ("auto", "scalar", "avx2", "avx512", "avx512_bf16")
 
 
 def load():

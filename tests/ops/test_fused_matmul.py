@@ -66,6 +66,18 @@ CASES = [
     ((20,), 1056, 18, 256, False, False, "float32"),  # partial K block
     ((21,), 64, 20, 64, True, False, "float32"),  # first M past the GEMV
     ((32,), 96, 40, 64, True, False, "float32"),
+    # The GEMM (M > 20): several reduction blocks of 256 (512 for bf16),
+    # several output blocks with a partial last panel of 32, row tails of
+    # 1..11 under the 12-row micro-kernel, x read in place or copied with a
+    # skewed stride (K = 1024: rows 4 KiB apart), bf16 pairs with an odd
+    # reduction length (transpose, N = 71).
+    ((61,), 544, 400, 64, True, False, "float32"),
+    ((61,), 544, 400, 64, True, True, "float32"),
+    ((30,), 1024, 64, 64, True, False, "float32"),
+    ((25,), 1056, 100, 64, False, False, "bfloat16"),
+    ((30,), 96, 71, 64, True, True, "bfloat16"),
+    ((2, 23), 64, 800, 128, True, True, "bfloat16"),
+    ((27,), 96, 40, 64, True, False, "float16"),
     ((0,), 64, 32, 64, True, False, "float32"),  # M = 0
     ((2, 0), 64, 32, 64, False, True, "bfloat16"),
 ]
@@ -136,6 +148,11 @@ def check_case(lib, batch, k, n, block_size, double_quant, transpose, dtype):
     bound = 2e-5 * (np.abs(x64) @ np.abs(w)) + 1e-30
     rel = {"float32": 0.0, "bfloat16": 2.0**-8, "float16": 2.0**-11}[dtype]
     bound += rel * np.abs(expected)
+    if dtype == "bfloat16":
+        # With AVX512_BF16 the GEMM path rounds each dequantized weight to
+        # bf16 (as TensorFlow's bf16 matmul rounds both operands): a relative
+        # error of at most 2**-9 per product.
+        bound += 2.0**-9 * (np.abs(x64) @ np.abs(w))
     got = tf.cast(y, tf.float32).numpy().astype(np.float64)
     excess = np.abs(got - expected) - bound
     assert np.all(excess <= 0), (
@@ -167,6 +184,34 @@ def test_matches_pure_reference(lib, transpose, m):
     )
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_bf16_matches_tensorflow_bf16_matmul(lib, transpose):
+    # The accuracy contract of bf16 x: that of TensorFlow's own bf16 matmul
+    # of x with the dequantized weight in bf16 (both operands rounded to
+    # bf16, float32 accumulation, a bf16 result). Where the CPU has
+    # AVX512_BF16 the op runs exactly that (vdpbf16ps); elsewhere it computes
+    # in float32, which is closer to the exact product still.
+    k, n, m = 320, 96, 64
+    state = make_state(k, n, 64, True)
+    rng = np.random.default_rng(3)
+    x = tf.cast(rng.standard_normal((m, n if transpose else k)), tf.bfloat16)
+    w = tf.cast(dequantize_nf4(state), tf.bfloat16)
+    expected = tf.matmul(x, w, transpose_b=transpose)
+    got = run_op(lib, x, state, transpose)
+    e64 = tf.cast(expected, tf.float64).numpy()
+    g64 = tf.cast(got, tf.float64).numpy()
+    x64 = tf.cast(x, tf.float64).numpy()
+    w64 = tf.cast(w, tf.float64).numpy()
+    w64 = w64.T if transpose else w64
+    # Each side rounds its float32 sum to bf16 once (2**-8 relative each);
+    # the float32 sums differ only in order; the float32 fallback differs
+    # by the weights' bf16 rounding (2**-9 per product).
+    bound = 2.0**-7 * np.abs(e64) + (2e-5 + 2.0**-9) * (
+        np.abs(x64) @ np.abs(w64)
+    )
+    assert np.all(np.abs(g64 - e64) <= bound)
+
+
 def test_double_quant_scales_bitwise(lib):
     # One nonzero code per block isolates the block scale: the op must
     # decode it exactly as dequantize_nf4 does (multiply, then add).
@@ -184,7 +229,9 @@ def test_bad_isa_env_is_an_error():
     assert "KERAS_QLORA_CPU_ISA must be one of" in out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "auto"])
+@pytest.mark.parametrize(
+    "isa", ["scalar", "avx2", "avx512", "avx512_bf16", "auto"]
+)
 def test_each_isa_in_a_subprocess(isa):
     out = run_worker("cases", {"KERAS_QLORA_CPU_ISA": isa})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -313,12 +360,17 @@ def cpu_isas():
         isas.add("avx2")
         if "avx512f" in flags:
             isas.add("avx512")
+            if {"avx512bw", "avx512vl", "avx512_bf16"} <= set(flags):
+                isas.add("avx512_bf16")
     return isas
 
 
 def expected_auto_isa():
     isas = cpu_isas()
-    return "avx512" if "avx512" in isas else max(isas, key=len)
+    for isa in ("avx512_bf16", "avx512", "avx2"):
+        if isa in isas:
+            return isa
+    return "scalar"
 
 
 def run_worker(mode, env):
@@ -362,7 +414,7 @@ def worker_fuzz(examples=150):
         suppress_health_check=list(HealthCheck),
     )
     @given(
-        k=st.integers(1, 80),
+        k=st.integers(1, 300),  # up to two GEMM reduction blocks
         n=st.integers(1, 80),
         m=st.integers(0, 40),
         block=st.sampled_from([32, 64, 128, 256, 16, 96]),
