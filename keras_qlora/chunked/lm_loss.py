@@ -150,7 +150,9 @@ def causal_lm_loss(model, x, y, sample_weight, chunk_size):
         hidden, y, project, [v.value for v in trainable], chunk_size
     )
     # The compiled loss's own reduction of the per-token values.
-    reduce = _PerToken(reduction=loss_fn.reduction, dtype=loss_fn.dtype)
+    reduce = _PerToken(
+        name="chunked_lm_loss", reduction=loss_fn.reduction, dtype=loss_fn.dtype
+    )
     loss = reduce(y, values, sample_weight=sample_weight)
     extra = model.losses
     if extra:
