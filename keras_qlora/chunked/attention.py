@@ -21,7 +21,9 @@ as NaN. The positions added to round the lengths up to whole chunks are
 excluded outright.
 
 Everything is computed in float32; the output is cast back to the query's
-dtype.
+dtype. The loops run one chunk at a time (`parallel_iterations=1`): by
+default TensorFlow overlaps up to 10 independent iterations, which would
+hold 10 blocks at once.
 """
 
 import tensorflow as tf
@@ -187,7 +189,7 @@ def _forward(plan, q, k, v, mask, offset):
     def query_chunk(qi, outs, stats):
         qc = _grouped(qp[:, qi * c : (qi + 1) * c], k)
 
-        def key_block(kj, m, l, acc):
+        def key_block(kj, m, total, acc):
             kc = kp[:, kj * c : (kj + 1) * c]
             vc = vp[:, kj * c : (kj + 1) * c]
             allowed, real = _block_allowed(plan, mask, offset, qi, kj, t, s)
@@ -195,29 +197,35 @@ def _forward(plan, q, k, v, mask, offset):
             m_new = tf.maximum(m, tf.reduce_max(scores, axis=-1))
             p = tf.exp(scores - m_new[..., None])
             rescale = tf.exp(m - m_new)
-            l = l * rescale + tf.reduce_sum(p, axis=-1)
+            total = total * rescale + tf.reduce_sum(p, axis=-1)
             acc = acc * rescale[..., None] + tf.einsum(
                 "bkgqs,bskv->bkgqv", p, vc
             )
-            return kj + 1, m_new, l, acc
+            return kj + 1, m_new, total, acc
 
         m0 = tf.fill([b, hk, g, c], -float("inf"))
         l0 = tf.zeros([b, hk, g, c])
         acc0 = tf.zeros([b, hk, g, c, dv])
-        _, m, l, acc = tf.while_loop(
-            lambda kj, *_: kj < nk, key_block, (0, m0, l0, acc0)
+        _, m, total, acc = tf.while_loop(
+            lambda kj, *_: kj < nk,
+            key_block,
+            (0, m0, l0, acc0),
+            parallel_iterations=1,
         )
-        out = acc / l[..., None]  # (B, Hk, G, c, Dv)
+        out = acc / total[..., None]  # (B, Hk, G, c, Dv)
         out = tf.reshape(tf.transpose(out, [0, 3, 1, 2, 4]), [b, c, -1, dv])
-        # The row statistics, kept apart: m + log(l) would round away
-        # log(l) in a row whose scores are all near -1e9 (all masked).
-        row = tf.stack([m, l])  # (2, B, Hk, G, c)
+        # The row statistics, kept apart: m + log(total) would round away
+        # log(total) in a row whose scores are all near -1e9 (all masked).
+        row = tf.stack([m, total])  # (2, B, Hk, G, c)
         return qi + 1, outs.write(qi, out), stats.write(qi, row)
 
     outs = tf.TensorArray(tf.float32, size=nq)
     stats = tf.TensorArray(tf.float32, size=nq)
     _, outs, stats = tf.while_loop(
-        lambda qi, *_: qi < nq, query_chunk, (0, outs, stats)
+        lambda qi, *_: qi < nq,
+        query_chunk,
+        (0, outs, stats),
+        parallel_iterations=1,
     )
     # (nq, B, c, H, Dv) -> (B, T, H, Dv)
     out = outs.stack()
@@ -269,7 +277,10 @@ def _backward(plan, q, k, v, mask, offset, out, stats, d_out):
 
         dq0 = tf.zeros([b, c, hk, g, d])
         _, dq, dk, dv = tf.while_loop(
-            lambda kj, *_: kj < nk, key_block, (0, dq0, dk, dv)
+            lambda kj, *_: kj < nk,
+            key_block,
+            (0, dq0, dk, dv),
+            parallel_iterations=1,
         )
         dq = tf.reshape(dq, [b, c, hk * g, d]) * plan.scale
         return qi + 1, dqs.write(qi, dq), dk, dv
@@ -278,7 +289,10 @@ def _backward(plan, q, k, v, mask, offset, out, stats, d_out):
     dk0 = tf.zeros([nk, b, c, hk, d])
     dv0 = tf.zeros([nk, b, c, hk, tf.shape(v)[3]])
     _, dqs, dk, dv = tf.while_loop(
-        lambda qi, *_: qi < nq, query_chunk, (0, dqs, dk0, dv0)
+        lambda qi, *_: qi < nq,
+        query_chunk,
+        (0, dqs, dk0, dv0),
+        parallel_iterations=1,
     )
     dq = _unchunk(dqs.stack())[:, :t]
     dk = _unchunk(dk)[:, :s]

@@ -87,7 +87,10 @@ def per_token_cross_entropy(hidden, labels, project, weights, chunk_size):
             return i + 1, out.write(i, chunk_loss(hp[sl], list(w), lp[sl]))
 
         _, out = tf.while_loop(
-            lambda i, _: i < n, forward, (0, tf.TensorArray(tf.float32, n))
+            lambda i, _: i < n,
+            forward,
+            (0, tf.TensorArray(tf.float32, n)),
+            parallel_iterations=1,
         )
         values = _unchunk(out.stack())[:, :t]
 
@@ -103,7 +106,8 @@ def per_token_cross_entropy(hidden, labels, project, weights, chunk_size):
                 grads = tape.gradient(
                     ce, [hc] + list(w), output_gradients=dp[sl]
                 )
-                dw = [a + _dense(g, a) for a, g in zip(dw, grads[1:])]
+                pairs = zip(dw, grads[1:], strict=True)
+                dw = [a + _dense(g, a) for a, g in pairs]
                 return i + 1, dh.write(i, grads[0]), dw
 
             dw0 = [tf.zeros_like(x) for x in w]
@@ -111,6 +115,7 @@ def per_token_cross_entropy(hidden, labels, project, weights, chunk_size):
                 lambda i, *_: i < n,
                 backward,
                 (0, tf.TensorArray(h.dtype, n), dw0),
+                parallel_iterations=1,
             )
             dh = _unchunk(dh.stack())[:, :t]
             return (dh, *dw)
@@ -140,7 +145,9 @@ def causal_lm_loss(model, x, y, sample_weight, chunk_size):
     loss_fn = _check_loss(model, y)
     hidden = backbone(x, training=True)
     trainable = list(head.trainable_variables)
-    fixed = [tf.convert_to_tensor(v.value) for v in head.non_trainable_variables]
+    fixed = [
+        tf.convert_to_tensor(v.value) for v in head.non_trainable_variables
+    ]
 
     def project(h, weights):
         logits, _ = head.stateless_call(weights, fixed, h, reverse=True)

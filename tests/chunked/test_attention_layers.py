@@ -17,7 +17,6 @@ from chunked_models import FAMILIES
 from chunked_models import inputs
 
 import keras_qlora
-from keras_qlora import internals
 from keras_qlora.chunked import attention_layers
 
 ATOL = 1e-5
@@ -53,7 +52,9 @@ def _run(model, x):
             tf.constant(np.random.default_rng(3).normal(size=o.shape), o.dtype)
             for o in flat
         ]
-        loss = tf.add_n([tf.reduce_sum(o * w) for o, w in zip(flat, weights)])
+        loss = tf.add_n(
+            [tf.reduce_sum(o * w) for o, w in zip(flat, weights, strict=True)]
+        )
     grads = tape.gradient(loss, model.trainable_variables)
     return [o.numpy() for o in flat], [g.numpy() for g in grads]
 
@@ -74,7 +75,7 @@ def test_outputs_and_gradients_equal_full_attention(name, monkeypatch):
     )
     out, grads = _run(model, x)
     assert len(calls) == 2  # one per layer: the chunked path ran
-    for a, b in zip(out + grads, full_out + full_grads):
+    for a, b in zip(out + grads, full_out + full_grads, strict=True):
         assert_close(a, b)
     assert attention_layers.chunk_size_of(model) == CHUNK
     assert attention_layers.disable_chunked_attention(model) == paths

@@ -7,7 +7,6 @@ import pytest
 import tensorflow as tf
 from chunked_models import gpt2
 from chunked_models import inputs
-from chunked_models import llama
 
 import keras_qlora
 from keras_qlora import internals
@@ -22,8 +21,12 @@ def _task(name, **apply_kwargs):
         task = keras_hub.models.GPT2CausalLM(backbone=gpt2(), preprocessor=None)
     else:  # untied LM head
         backbone = keras_hub.models.LlamaBackbone(
-            vocabulary_size=61, num_layers=2, hidden_dim=32,
-            num_query_heads=4, num_key_value_heads=2, intermediate_dim=48,
+            vocabulary_size=61,
+            num_layers=2,
+            hidden_dim=32,
+            num_query_heads=4,
+            num_key_value_heads=2,
+            intermediate_dim=48,
             tie_word_embeddings=False,
         )
         task = keras_hub.models.LlamaCausalLM(
@@ -50,8 +53,12 @@ def _loss_and_grads(model, chunk_size):
     with tf.GradientTape() as tape:
         if chunk_size is None:
             loss = internals.compute_loss(
-                model, x=x, y=y, y_pred=model(x, training=True),
-                sample_weight=sw, training=True,
+                model,
+                x=x,
+                y=y,
+                y_pred=model(x, training=True),
+                sample_weight=sw,
+                training=True,
             )
         else:
             loss = lm_loss.causal_lm_loss(model, x, y, sw, chunk_size)
@@ -64,7 +71,7 @@ def test_loss_and_gradients_equal_the_plain_path(name):
     plain, plain_grads = _loss_and_grads(model, None)
     loss, grads = _loss_and_grads(model, CHUNK)
     np.testing.assert_allclose(loss, plain, rtol=1e-6)
-    for g, p in zip(grads, plain_grads):
+    for g, p in zip(grads, plain_grads, strict=True):
         scale = float(np.abs(p).max())
         np.testing.assert_allclose(g, p, atol=1e-5 * scale, rtol=1e-4)
 
@@ -94,7 +101,7 @@ def test_head_gradients_when_the_head_trains():
     plain, plain_grads = _loss_and_grads(model, None)
     loss, grads = _loss_and_grads(model, 5)
     np.testing.assert_allclose(loss, plain, rtol=1e-6)
-    for g, p in zip(grads, plain_grads):
+    for g, p in zip(grads, plain_grads, strict=True):
         g = tf.convert_to_tensor(g).numpy()
         p = tf.convert_to_tensor(p).numpy()
         scale = float(np.abs(p).max())
@@ -112,7 +119,7 @@ def test_fit_with_chunked_loss_matches_plain_fit(tmp_path):
         runs.append((history.history["loss"], model.trainable_variables))
     (plain_loss, plain_vars), (loss, variables) = runs
     np.testing.assert_allclose(loss, plain_loss, rtol=1e-5)
-    for v, p in zip(variables, plain_vars):
+    for v, p in zip(variables, plain_vars, strict=True):
         np.testing.assert_allclose(v.numpy(), p.numpy(), atol=1e-6)
     path = str(tmp_path / "lm.keras")
     model.save(path)

@@ -5,7 +5,6 @@ Bad sizes, models they do not apply to, a compiled loss the chunked LM
 loss cannot reproduce, and attention dropout in training.
 """
 
-import keras
 import keras_hub
 import numpy as np
 
@@ -27,8 +26,13 @@ _SIZES = [
 
 def _tiny_gpt2(dropout=0.0):
     return keras_hub.models.GPT2Backbone(
-        vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=16,
-        intermediate_dim=32, max_sequence_length=32, dropout=dropout,
+        vocabulary_size=50,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+        dropout=dropout,
     )
 
 
@@ -84,18 +88,26 @@ CASES += [
         lambda tmp: keras_qlora.from_preset(
             keras_hub.models.LlamaBackbone, str(tmp), attention_chunk_size=0
         ),
-        Refused(ValueError, r"must be a positive int",
-                names=("attention_chunk_size=0",)),
+        Refused(
+            ValueError,
+            r"must be a positive int",
+            names=("attention_chunk_size=0",),
+        ),
     ),
     Case(
         "apply",
         "attention_chunk_size on a model without attention layers",
         lambda tmp: keras_qlora.apply(
-            _float_model(), target_modules=["q"], attention_chunk_size=8,
+            _float_model(),
+            target_modules=["q"],
+            attention_chunk_size=8,
             verbose=False,
         ),
-        Refused(ValueError, r"no attention layer",
-                names=("attention_chunk_size", "float_net")),
+        Refused(
+            ValueError,
+            r"no attention layer",
+            names=("attention_chunk_size", "float_net"),
+        ),
     ),
     Case(
         "apply",
@@ -103,21 +115,26 @@ CASES += [
         lambda tmp: keras_qlora.apply(
             _tiny_gpt2(), lm_loss_chunk_size=8, verbose=False
         ),
-        Refused(ValueError, r"is not a keras_hub CausalLM",
-                names=("lm_loss_chunk_size",)),
+        Refused(
+            ValueError,
+            r"is not a keras_hub CausalLM",
+            names=("lm_loss_chunk_size",),
+        ),
     ),
     Case(
         "QLoRAModel.__call__",
         "attention_chunk_size with attention dropout in training",
         _dropout_in_training,
-        Refused(ValueError, r"does not reproduce",
-                names=("attention_chunk_size", "self_attention", "dropout=0.1")),
+        Refused(
+            ValueError,
+            r"does not reproduce",
+            names=("attention_chunk_size", "self_attention", "dropout=0.1"),
+        ),
     ),
     Case(
         "QLoRAModel.fit",
         "lm_loss_chunk_size with a loss on probabilities",
         _wrong_compiled_loss,
-        Refused(ValueError, r"from_logits=True",
-                names=("lm_loss_chunk_size",)),
+        Refused(ValueError, r"from_logits=True", names=("lm_loss_chunk_size",)),
     ),
 ]
