@@ -621,3 +621,59 @@ def set_parent_path(layer, path):
     `Layer._parent_path` when it is set)."""
     _attr(layer, "_parent_path", "Keras' Layer._parent_path")
     layer._parent_path = path
+
+
+# -- attention entry points (chunked/attention_layers.py) ---------------------
+
+
+def compute_attention_method(layer):
+    """The class's own `_compute_attention` of `layer`, bound to it: the
+    method that takes the projected `(query, key, value, attention_mask)`
+    and returns the attention output, in Keras' `MultiHeadAttention` and
+    keras_hub 0.32's Llama, Mistral, Qwen and Gemma attention layers."""
+    method = _attr(
+        type(layer), "_compute_attention", "the layer's _compute_attention()"
+    )
+    return method.__get__(layer, type(layer))
+
+
+def compute_attention_override(layer):
+    """The function `set_compute_attention` put on `layer`, or None."""
+    return vars(layer).get("_compute_attention")
+
+
+def set_compute_attention(layer, function):
+    """Makes `layer.call` use `function` as its `_compute_attention` (an
+    instance attribute shadows the method: the layers call it as
+    `self._compute_attention(...)`); None puts the class's method back."""
+    compute_attention_method(layer)
+    if function is None:
+        vars(layer).pop("_compute_attention", None)
+    else:
+        object.__setattr__(layer, "_compute_attention", function)
+
+
+def attention_scale(layer) -> float:
+    """The factor the scores are multiplied by: Keras'
+    `MultiHeadAttention._inverse_sqrt_key_dim`, keras_hub's Llama / Mistral /
+    Qwen `_inv_norm_factor`."""
+    for name in ("_inverse_sqrt_key_dim", "_inv_norm_factor"):
+        if name in vars(layer):
+            return float(vars(layer)[name])
+    raise _changed(
+        f"the score scale of {type(layer).__name__} (_inverse_sqrt_key_dim "
+        "or _inv_norm_factor)"
+    )
+
+
+def attention_dropout_rate(layer) -> float:
+    """Keras `MultiHeadAttention`'s dropout on the attention probabilities
+    (`_dropout`)."""
+    return float(_attr(layer, "_dropout", "MultiHeadAttention._dropout"))
+
+
+def attention_axes(layer) -> tuple:
+    """The axes Keras `MultiHeadAttention` attends over (`_attention_axes`;
+    `(1,)` for the usual `(batch, seq, heads, dim)` layout)."""
+    axes = _attr(layer, "_attention_axes", "MultiHeadAttention._attention_axes")
+    return tuple(axes)

@@ -21,6 +21,7 @@ from keras_qlora import export
 from keras_qlora import internals
 from keras_qlora import remat
 from keras_qlora import surgery
+from keras_qlora.chunked import attention_layers
 from keras_qlora.layers import QLoRALayerBase
 from keras_qlora.selectors import exact_paths
 from keras_qlora.settings import QLoRASettings
@@ -53,7 +54,8 @@ class QLoRAModel(QLoRAWrapper, internals.SymbolicBuildHook, keras.Model):
         settings: the `QLoRASettings` the layers were made with.
         report: what `apply()` did (see `keras_qlora.summary`).
         training: the `TrainingOptions` (`bias`, `offload_optimizer`,
-            `optimizer_8bit`, `gradient_checkpointing`), see `apply()`,
+            `optimizer_8bit`, `gradient_checkpointing`,
+            `attention_chunk_size`, `lm_loss_chunk_size`), see `apply()`,
             or their dict; None for the defaults.
     """
 
@@ -196,7 +198,12 @@ class QLoRAModel(QLoRAWrapper, internals.SymbolicBuildHook, keras.Model):
         variables = training_step.trained_variables(
             self, self._frozen_variable_ids()
         )
-        logs = training_step.lora_train_step(self, data, variables)
+        logs = training_step.lora_train_step(
+            self,
+            data,
+            variables,
+            lm_loss_chunk_size=self.training_options.lm_loss_chunk_size,
+        )
         if multi_worker.is_multi_worker(self.distribute_strategy):
             logs = multi_worker.with_replica_axis(logs)
         return logs
@@ -258,6 +265,10 @@ class QLoRAModel(QLoRAWrapper, internals.SymbolicBuildHook, keras.Model):
         if opts.gradient_checkpointing is not False:
             self.remat_paths = remat.enable_gradient_checkpointing(
                 self.base_model, opts.gradient_checkpointing
+            )
+        if opts.attention_chunk_size is not None:
+            attention_layers.enable_chunked_attention(
+                self.base_model, opts.attention_chunk_size
             )
 
     def get_config(self):

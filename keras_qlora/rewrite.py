@@ -53,6 +53,8 @@ def apply(
     offload_optimizer=False,
     optimizer_8bit=False,
     gradient_checkpointing=False,
+    attention_chunk_size=None,
+    lm_loss_chunk_size=None,
     verbose=True,
 ):
     """Quantizes `model` to NF4 and adds LoRA adapters; returns the wrapper.
@@ -94,6 +96,17 @@ def apply(
         gradient_checkpointing: recompute transformer blocks in the
             backward pass instead of keeping their activations: True
             detects the blocks; a selector (as above) names them.
+        attention_chunk_size: None, or an int: the attention layers
+            (Keras MultiHeadAttention, keras_hub Llama / Mistral / Qwen /
+            Gemma attention) compute attention by query chunks and key
+            blocks of this size with an exact online softmax, forward and
+            backward, so no (batch, heads, seq, seq) tensor is formed (see
+            docs/training.md, "Long sequences"). Attention-probability
+            dropout in training is refused.
+        lm_loss_chunk_size: None, or an int: `fit` on a keras_hub CausalLM
+            computes the LM head and the cross-entropy in sequence chunks
+            of this size, recomputed in the backward pass, so the
+            (batch, seq, vocab) logits never exist in full.
         verbose: print a progress bar over the layers being quantized.
 
     Returns:
@@ -108,7 +121,9 @@ def apply(
         ValueError: nothing matched (the message lists the model's
             Dense/EinsumDense paths), keras_qlora already applied, bad
             settings, training options on a model without LoRA, no
-            transformer block found for `gradient_checkpointing=True`.
+            transformer block found for `gradient_checkpointing=True`, no
+            supported attention layer for `attention_chunk_size`, no
+            keras_hub CausalLM for `lm_loss_chunk_size`.
         TypeError: a bad selector or option type.
 
     Example:
@@ -174,6 +189,7 @@ def prepare(model, settings, chosen, training) -> "Selection":
         remat.find_blocks(
             model, training.gradient_checkpointing, "gradient_checkpointing"
         )
+    training.check_long_context(model)
     return selection
 
 

@@ -1011,3 +1011,77 @@ def test_set_parent_path():
         "under Layer._parent_path. Update keras_qlora.internals."
         "set_parent_path"
     )
+
+
+def _mha():
+    layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, dropout=0.2)
+    x = np.ones((1, 3, 5), "float32")
+    layer(x, x)
+    return layer, x
+
+
+def test_compute_attention_method():
+    layer, _ = _mha()
+    method = internals.compute_attention_method(layer)
+    q = np.ones((1, 3, 2, 4), "float32")
+    out, scores = method(q, q, q)
+    assert tuple(out.shape) == (1, 3, 2, 4) and tuple(scores.shape) == (
+        1, 2, 3, 3,
+    ), _changed(
+        "compute_attention_method",
+        "MultiHeadAttention._compute_attention(query, key, value) no longer "
+        "returns (output, scores) for projected (B, T, N, H) inputs",
+    )
+
+
+def test_compute_attention_override():
+    layer, _ = _mha()
+    assert internals.compute_attention_override(layer) is None
+    internals.set_compute_attention(layer, len)
+    assert internals.compute_attention_override(layer) is len
+
+
+def test_set_compute_attention():
+    layer, x = _mha()
+    seen = []
+    own = internals.compute_attention_method(layer)
+
+    def hook(*args, **kwargs):
+        seen.append(True)
+        return own(*args, **kwargs)
+
+    internals.set_compute_attention(layer, hook)
+    layer(x, x)
+    assert seen, _changed(
+        "set_compute_attention",
+        "MultiHeadAttention.call no longer calls self._compute_attention",
+    )
+    internals.set_compute_attention(layer, None)
+    layer(x, x)
+    assert len(seen) == 1
+
+
+def test_attention_scale():
+    layer, _ = _mha()
+    assert internals.attention_scale(layer) == pytest.approx(0.5), _changed(
+        "attention_scale",
+        "MultiHeadAttention._inverse_sqrt_key_dim is no longer 1/sqrt(key_dim)",
+    )
+
+
+def test_attention_dropout_rate():
+    layer, _ = _mha()
+    assert internals.attention_dropout_rate(layer) == pytest.approx(0.2), (
+        _changed(
+            "attention_dropout_rate",
+            "MultiHeadAttention._dropout no longer holds the dropout rate",
+        )
+    )
+
+
+def test_attention_axes():
+    layer, _ = _mha()
+    assert internals.attention_axes(layer) == (1,), _changed(
+        "attention_axes",
+        "MultiHeadAttention._attention_axes is no longer (1,) for 3-D inputs",
+    )

@@ -154,7 +154,7 @@ LAYERS = [
     ["layers"],
     ["convert"],
     ["selectors", "report", "export"],
-    ["remat"],
+    ["remat", "chunked"],
     ["adapters"],
     ["training"],
     ["model"],

@@ -1,9 +1,10 @@
 """Training options of a QLoRA model: what trains, and the optimizer setup.
 
 `apply(..., bias=, offload_optimizer=, optimizer_8bit=,
-gradient_checkpointing=)` makes one `TrainingOptions`, which the
-`QLoRAModel` carries; they are applied when the model is compiled
-(optimizer) or built (biases).
+gradient_checkpointing=, attention_chunk_size=, lm_loss_chunk_size=)` makes
+one `TrainingOptions`, which the `QLoRAModel` carries; they are applied when
+the model is compiled (optimizer), built (biases, checkpointed blocks,
+chunked attention) or trained (chunked LM loss).
 """
 
 import dataclasses
@@ -13,6 +14,9 @@ from typing import Any
 import keras
 
 from keras_qlora import selectors
+from keras_qlora.chunked import attention_layers
+from keras_qlora.chunked import lm_loss
+from keras_qlora.chunked.attention_layers import check_chunk_size
 from keras_qlora.training.adam8bit import AdamW8bit
 from keras_qlora.training.offload import HostOffloadOptimizer
 from keras_qlora.training.offload import resolve_optimizer
@@ -36,6 +40,10 @@ class TrainingOptions:
         gradient_checkpointing: False, True (detect transformer blocks) or
             a selector of the blocks to recompute (list of names, regex,
             `re.Pattern`, callable).
+        attention_chunk_size: None, or the query chunk (and key block) size
+            of chunked attention (`keras_qlora.chunked.attention_layers`).
+        lm_loss_chunk_size: None, or the sequence chunk of the chunked
+            LM-head cross-entropy in `fit` (`keras_qlora.chunked.lm_loss`).
 
     Raises:
         TypeError / ValueError: a value of the wrong type / out of range.
@@ -45,8 +53,12 @@ class TrainingOptions:
     offload_optimizer: bool = False
     optimizer_8bit: bool = False
     gradient_checkpointing: Any = False
+    attention_chunk_size: Any = None
+    lm_loss_chunk_size: Any = None
 
     def __post_init__(self):
+        check_chunk_size(self.attention_chunk_size, "attention_chunk_size")
+        check_chunk_size(self.lm_loss_chunk_size, "lm_loss_chunk_size")
         if self.bias not in BIAS_MODES:
             raise ValueError(
                 f"bias must be one of {BIAS_MODES}. Received: "
@@ -88,6 +100,27 @@ class TrainingOptions:
                     "has no LoRA layers (target_modules=None or matched "
                     f"nothing). Pass target_modules, or drop {key}."
                 )
+
+    def check_long_context(self, model):
+        """Refuses the chunking options on a model they cannot apply to.
+
+        Args:
+            model: the model `apply()` edits (or its `QLoRAModel`).
+
+        Raises:
+            ValueError: `attention_chunk_size` without a supported attention
+                layer; `lm_loss_chunk_size` on a model that is not a
+                keras_hub CausalLM.
+        """
+        if self.attention_chunk_size is not None:
+            if not attention_layers.attention_layers(model):
+                raise ValueError(
+                    f"attention_chunk_size: model '{model.name}' has no "
+                    "attention layer that chunked attention supports. "
+                    f"Supported: {attention_layers.RECOGNIZED_LAYERS}."
+                )
+        if self.lm_loss_chunk_size is not None:
+            lm_loss.causal_lm_parts(model)
 
     def to_dict(self) -> dict:
         """The options as a dict (a selector is left as it is)."""

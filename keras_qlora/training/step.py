@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from keras_qlora import internals
+from keras_qlora.chunked import lm_loss
 
 
 def trained_variables(model, frozen_ids):
@@ -47,28 +48,42 @@ def trained_variables(model, frozen_ids):
     return variables
 
 
-def lora_train_step(model, data, variables):
+def lora_train_step(model, data, variables, lm_loss_chunk_size=None):
     """One optimizer step on `variables`; returns the metric results.
 
     Mirrors `keras.Model.train_step` on TensorFlow (loss scaling for
     mixed_float16, tf.distribute loss scaling, metrics), except for the
     explicit variable list.
+
+    With `lm_loss_chunk_size` (a keras_hub CausalLM), the loss comes from
+    `chunked.lm_loss.causal_lm_loss`: the logits are never formed in full,
+    so only the loss is tracked; compiled metrics of the logits (e.g.
+    keras_hub's default accuracy) are not updated (`evaluate` computes
+    them).
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    y_pred = None
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch([v.value for v in variables])
-        y_pred = model(x, training=True)
-        loss = internals.compute_loss(
-            model,
-            x=x,
-            y=y,
-            y_pred=y_pred,
-            sample_weight=sample_weight,
-            training=True,
-        )
+        if lm_loss_chunk_size is None:
+            y_pred = model(x, training=True)
+            loss = internals.compute_loss(
+                model,
+                x=x,
+                y=y,
+                y_pred=y_pred,
+                sample_weight=sample_weight,
+                training=True,
+            )
+        else:
+            loss = lm_loss.causal_lm_loss(
+                model, x, y, sample_weight, lm_loss_chunk_size
+            )
         batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))
         internals.track_loss(model, loss, batch_size=batch[0])
         loss = model.optimizer.scale_loss(loss)
     grads = tape.gradient(loss, variables)
     model.optimizer.apply(grads, variables)
+    if y_pred is None:
+        return model.get_metrics_result()
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
