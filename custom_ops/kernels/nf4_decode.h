@@ -181,6 +181,63 @@ KQ_AVX512 inline void DecodeAvx512(const Problem& p, int64_t row,
   }
 }
 
+// ---------------------------------------------------------------- groups
+
+// "Group order", used by the AVX-512 GEMV kernels when K % 128 == 0: one
+// 64-byte load holds a 128-element group of a row of W^T, i.e. 16 dwords
+// of 8 codes each. Shifting the whole register right by 4q bits puts code
+// q of every dword in the low 4 bits its lane, which is all that
+// _mm512_permutexvar_ps reads: 8 shifts and 8 table permutes decode the
+// group with no unpacking. Decoded register q holds, in lane i, element
+// 8i + (q ^ 1) of the group (the low nibble of a byte is its second,
+// odd element); x (forward) and y (transpose) are permuted to match.
+constexpr int64_t kGroup = 128;
+
+// Source index (within its 128-aligned group) of group-order position i.
+inline int64_t GroupSource(int64_t i) {
+  const int64_t j = i & (kGroup - 1);
+  return (i - j) + 8 * (j & 15) + ((j >> 4) ^ 1);
+}
+
+// Whether the GEMV kernels use group order for this problem.
+inline bool UseGroupOrder(const Problem& p) {
+  return p.chunk_order && p.k % kGroup == 0;
+}
+
+// Block scales of the flat elements [f0, f1): s[b - (f0 >> shift)] for
+// every block b they touch, computed once per block (not per chunk).
+// Returns the number written (at most (f1 - f0) / 32 + 1).
+inline int64_t FillBlockScales(const Problem& p, int64_t f0, int64_t f1,
+                               float* s) {
+  const int64_t first = f0 >> p.block_shift;
+  const int64_t last = (f1 - 1) >> p.block_shift;
+  for (int64_t b = first; b <= last; ++b) s[b - first] = p.scales(b);
+  return last - first + 1;
+}
+
+// Where a group's 16 lane scales come from: lane i (elements 8i .. 8i + 7
+// of a 128-aligned group) lies in block (group start >> shift) +
+// ((8i) >> shift), i.e. one of the first `blocks` = max(1, 128 >> shift)
+// blocks from the group's first.
+struct GroupScaleMap {
+  __m512i lanes;
+  __mmask16 mask;  // the `blocks` scales to load
+};
+
+KQ_AVX512 inline GroupScaleMap MakeGroupScaleMap(int block_shift) {
+  const __m512i lane8 = _mm512_set_epi32(120, 112, 104, 96, 88, 80, 72, 64,
+                                         56, 48, 40, 32, 24, 16, 8, 0);
+  const int blocks = std::max(1, static_cast<int>(kGroup >> block_shift));
+  return {_mm512_srl_epi32(lane8, _mm_cvtsi32_si128(block_shift)),
+          static_cast<__mmask16>((1u << blocks) - 1)};
+}
+
+// The 16 lane scales of the group whose first block's scale is s[0]. The
+// masked load reads only the blocks the group touches.
+KQ_AVX512 inline __m512 GroupScales(const float* s, const GroupScaleMap& m) {
+  return _mm512_permutexvar_ps(m.lanes, _mm512_maskz_loadu_ps(m.mask, s));
+}
+
 }  // namespace nf4_matmul
 }  // namespace keras_qlora
 

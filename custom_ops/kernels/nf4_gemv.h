@@ -18,6 +18,8 @@ namespace nf4_matmul {
 constexpr int64_t kGemvColTile = 2048;  // transpose: max columns per task
 constexpr int64_t kGemvRowTile = 64;    // fused forward: W^T rows per tile
 constexpr int64_t kGemvKBlock = 1024;   // fused forward: K per block (L1)
+constexpr int64_t kGemvKBlockMax = 4096;  // group order: K per block, M = 1
+constexpr int64_t kGemvPrefetch = 0;      // extra bytes prefetched ahead
 
 // ---------------------------------------------------------------- scalar
 
@@ -147,6 +149,85 @@ KQ_AVX512 void FusedTileAvx512(const Problem& p, int64_t row, int64_t k0,
   }
 }
 
+// Floats of a per-row block-scale array for `len` elements (blocks of 32
+// or more, one straddled block, slack for a masked 4-float load).
+constexpr int64_t GroupScaleFloats(int64_t len) { return len / 32 + 8; }
+
+// The same tile in group order (K % 128 == 0): 64-byte loads decoded by
+// shifts and table permutes (see GroupSource); block scales computed once
+// per block. With one row of x the scale is applied once per group to the
+// group's partial dot products; with more it scales the decoded weights,
+// which every row of x then shares.
+template <int MR, int NR>
+KQ_AVX512 void GroupTileAvx512(const Problem& p, int64_t row, int64_t k0,
+                               int64_t k1, const float* xg, float* y,
+                               int64_t ldy, bool add) {
+  const __m512 table = _mm512_load_ps(kNf4Code);
+  const GroupScaleMap map = MakeGroupScaleMap(p.block_shift);
+  const int64_t k = p.k, len = k1 - k0, shift = p.block_shift;
+  float s[NR][GroupScaleFloats(kGemvKBlockMax)];
+  const uint8_t* src[NR];
+  int64_t f0[NR];
+  for (int j = 0; j < NR; ++j) {
+    f0[j] = (row + j) * k + k0;
+    FillBlockScales(p, f0[j], f0[j] + len, s[j]);
+    src[j] = p.packed + f0[j] / 2;
+  }
+  // Rows row + NR .. are next (the next tile, same columns).
+  const int64_t ahead = NR * k / 2 + kGemvPrefetch;
+  __m512 acc[NR][MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[j][i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < len; d += kGroup) {
+    const float* x = xg + k0 + d;
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) {
+      const uint8_t* g = src[j] + d / 2;
+      _mm_prefetch(reinterpret_cast<const char*>(g) + ahead, _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(g);
+      const __m512 sv = GroupScales(
+          s[j] + (((f0[j] + d) >> shift) - (f0[j] >> shift)), map);
+      if constexpr (MR == 1) {
+        // Two chains of partial sums hide the FMA latency.
+        __m512 t0 = _mm512_mul_ps(_mm512_loadu_ps(x),
+                                  _mm512_permutexvar_ps(v, table));
+        __m512 t1 = _mm512_mul_ps(
+            _mm512_loadu_ps(x + 16),
+            _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table));
+#pragma GCC unroll 8
+        for (int q = 2; q < 8; q += 2) {
+          t0 = _mm512_fmadd_ps(
+              _mm512_loadu_ps(x + 16 * q),
+              _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * q), table), t0);
+          t1 = _mm512_fmadd_ps(
+              _mm512_loadu_ps(x + 16 * q + 16),
+              _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * q + 4), table),
+              t1);
+        }
+        acc[j][0] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), sv, acc[j][0]);
+      } else {
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) {
+          const __m512 w = _mm512_mul_ps(
+              _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * q), table), sv);
+#pragma GCC unroll 8
+          for (int i = 0; i < MR; ++i)
+            acc[j][i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * k + 16 * q),
+                                        w, acc[j][i]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      const float v = _mm512_reduce_add_ps(acc[j][i]);
+      float& out = y[i * ldy + row + j];
+      out = add ? out + v : v;
+    }
+  }
+}
+
 using FusedTileFn = void (*)(const Problem&, int64_t, int64_t, int64_t,
                              const float*, float*, int64_t, bool);
 
@@ -154,15 +235,17 @@ using FusedTileFn = void (*)(const Problem&, int64_t, int64_t, int64_t,
 constexpr int kGemvMr = 8;  // rows of x per register tile
 constexpr int kGemvNr = 2;  // rows of W^T per register tile
 
-// kFusedTiles.fn[mr - 1][nr - 1] = FusedTileAvx512<mr, nr>.
+// kFusedTiles.fn[g][mr - 1][nr - 1] = FusedTileAvx512<mr, nr> (g = 0) or
+// GroupTileAvx512<mr, nr> (g = 1).
 struct FusedTiles {
-  FusedTileFn fn[kGemvMr][kGemvNr];
+  FusedTileFn fn[2][kGemvMr][kGemvNr];
 };
 template <int I>
 constexpr void FillFusedTiles(FusedTiles* t) {
   if constexpr (I < kGemvMr * kGemvNr) {
-    t->fn[I / kGemvNr][I % kGemvNr] =
-        FusedTileAvx512<I / kGemvNr + 1, I % kGemvNr + 1>;
+    constexpr int kM = I / kGemvNr + 1, kN = I % kGemvNr + 1;
+    t->fn[0][kM - 1][kN - 1] = FusedTileAvx512<kM, kN>;
+    t->fn[1][kM - 1][kN - 1] = GroupTileAvx512<kM, kN>;
     FillFusedTiles<I + 1>(t);
   }
 }
@@ -173,25 +256,125 @@ constexpr FusedTiles MakeFusedTiles() {
 }
 inline constexpr FusedTiles kFusedTiles = MakeFusedTiles();
 
-// Rows [row0, row1) of y (M x N) = xc (M x K, chunk order) @ W, in tiles
-// of kGemvRowTile rows x kGemvKBlock columns x all rows of x.
+// Rows [row0, row1) of y (M x N) = xc (M x K, chunk or group order) @ W,
+// in tiles of kGemvRowTile rows x a K block x all rows of x. The K block
+// keeps the rows of x that a tile reads in L1; in group order it grows
+// when M is small, so that each row of W^T is read in one long stream.
 KQ_AVX512 inline void FusedRowsAvx512(const Problem& p, int64_t row0,
                                       int64_t row1, const float* xc,
                                       int64_t m, float* y, int64_t ldy) {
+  const int group = UseGroupOrder(p) ? 1 : 0;
+  const int64_t kblock =
+      group ? std::clamp<int64_t>(kGemvKBlockMax / m / kGroup * kGroup,
+                                  kGemvKBlock, kGemvKBlockMax)
+            : kGemvKBlock;
   for (int64_t r0 = row0; r0 < row1; r0 += kGemvRowTile) {
     const int64_t r1 = std::min(row1, r0 + kGemvRowTile);
-    for (int64_t k0 = 0; k0 < p.k; k0 += kGemvKBlock) {
-      const int64_t k1 = std::min(p.k, k0 + kGemvKBlock);
+    for (int64_t k0 = 0; k0 < p.k; k0 += kblock) {
+      const int64_t k1 = std::min(p.k, k0 + kblock);
       for (int64_t i = 0; i < m; i += kGemvMr) {
         const int64_t mr = std::min<int64_t>(kGemvMr, m - i);
         for (int64_t j = r0; j < r1; j += kGemvNr) {
           const int64_t nr = std::min<int64_t>(kGemvNr, r1 - j);
-          kFusedTiles.fn[mr - 1][nr - 1](p, j, k0, k1, xc + i * p.k,
-                                         y + i * ldy, ldy, k0 > 0);
+          kFusedTiles.fn[group][mr - 1][nr - 1](
+              p, j, k0, k1, xc + i * p.k, y + i * ldy, ldy, k0 > 0);
         }
       }
     }
   }
+}
+
+// Whether GemvForward / GemvTranspose use group order: the AVX-512 kernels
+// (the only ones with fused_rows) and K % 128 == 0. Forward x must then be
+// permuted with GroupSource instead of ChunkSource.
+inline bool GemvGroupOrder(const IsaKernels& isa, const Problem& p) {
+  return isa.fused_rows == FusedRowsAvx512 && UseGroupOrder(p);
+}
+
+// acc (m x len, group order) += x[:, j .. j + R) @ W^T[j .. j + R,
+// c0 : c0 + len) (x rows of stride ldx). Decodes R rows at once so that
+// each pass over acc adds R rows; with one row of x the block scale goes
+// into the coefficient (once per group) instead of into every weight.
+template <int R>
+KQ_AVX512 void GroupAxpyRowsAvx512(const Problem& p, int64_t j, int64_t c0,
+                                   int64_t len, const float* x, int64_t ldx,
+                                   int64_t m, float* acc) {
+  const __m512 table = _mm512_load_ps(kNf4Code);
+  const GroupScaleMap map = MakeGroupScaleMap(p.block_shift);
+  const int64_t k = p.k, shift = p.block_shift;
+  float s[R][GroupScaleFloats(kGemvColTile)];
+  const uint8_t* src[R];
+  int64_t f0[R];
+  for (int r = 0; r < R; ++r) {
+    f0[r] = (j + r) * k + c0;
+    FillBlockScales(p, f0[r], f0[r] + len, s[r]);
+    src[r] = p.packed + f0[r] / 2;
+  }
+  const int64_t ahead = R * k / 2 + kGemvPrefetch;  // the next R rows
+  for (int64_t d = 0; d < len; d += kGroup) {
+    __m512i v[R];
+    __m512 sv[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* g = src[r] + d / 2;
+      _mm_prefetch(reinterpret_cast<const char*>(g) + ahead, _MM_HINT_T0);
+      v[r] = _mm512_loadu_si512(g);
+      sv[r] = GroupScales(
+          s[r] + (((f0[r] + d) >> shift) - (f0[r] >> shift)), map);
+    }
+    if (m == 1) {
+      __m512 c[R];
+      for (int r = 0; r < R; ++r)
+        c[r] = _mm512_mul_ps(_mm512_set1_ps(x[j + r]), sv[r]);
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q) {
+        float* a = acc + d + 16 * q;
+        __m512 t = _mm512_loadu_ps(a);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r)
+          t = _mm512_fmadd_ps(
+              _mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * q), table),
+              c[r], t);
+        _mm512_storeu_ps(a, t);
+      }
+      continue;
+    }
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; ++q) {
+      __m512 w[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+        w[r] = _mm512_mul_ps(
+            _mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * q), table),
+            sv[r]);
+      for (int64_t i = 0; i < m; ++i) {
+        float* a = acc + i * len + d + 16 * q;
+        __m512 t = _mm512_loadu_ps(a);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r)
+          t = _mm512_fmadd_ps(w[r], _mm512_set1_ps(x[i * ldx + j + r]), t);
+        _mm512_storeu_ps(a, t);
+      }
+    }
+  }
+}
+
+constexpr int kGemvTransposeRows = 4;  // rows of W^T per pass over acc
+
+// y[:, c0 : c0 + len) (M x K) = x (M x N) @ W^T[:, c0 : c0 + len), in group
+// order (c0 and len multiples of 128); acc: m x len scratch.
+KQ_AVX512 inline void GroupColumnsAvx512(const Problem& p, int64_t c0,
+                                         int64_t len, const float* x,
+                                         int64_t m, int64_t n, float* acc,
+                                         float* y) {
+  std::fill(acc, acc + m * len, 0.0f);
+  int64_t j = 0;
+  for (; j + kGemvTransposeRows <= n; j += kGemvTransposeRows)
+    GroupAxpyRowsAvx512<kGemvTransposeRows>(p, j, c0, len, x, n, m, acc);
+  for (; j < n; ++j) GroupAxpyRowsAvx512<1>(p, j, c0, len, x, n, m, acc);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t q = 0; q < len; ++q)
+      y[i * p.k + c0 + GroupSource(q)] = acc[i * len + q];
 }
 
 // ---------------------------------------------------------------- drivers
@@ -201,11 +384,12 @@ inline int64_t GemvForwardScratch(int64_t k) { return ScratchFloats(k); }
 inline int64_t GemvTileCols(const Problem& p, Pool* pool) {
   // Long row segments keep the strided reads of W^T prefetch-friendly; one
   // tile per thread when K is small.
+  // Group order needs whole groups.
   const int64_t threads = std::max(1, pool->NumThreads());
+  const int64_t unit = UseGroupOrder(p) ? kGroup : kChunk;
   return std::max<int64_t>(
-      kChunk,
-      std::min(kGemvColTile,
-               nf4::CeilDiv(nf4::CeilDiv(p.k, threads), kChunk) * kChunk));
+      unit, std::min(kGemvColTile,
+                     nf4::CeilDiv(nf4::CeilDiv(p.k, threads), unit) * unit));
 }
 inline int64_t GemvTransposeScratch(const Problem& p, Pool* pool,
                                     int64_t m) {
@@ -239,6 +423,12 @@ inline void GemvTranspose(const IsaKernels& isa, const Problem& p,
                  [&](int64_t begin, int64_t end, float* buf) {
     float* acc = buf;             // m x tile
     float* rows = buf + m * tile;  // 4 x tile
+    if (GemvGroupOrder(isa, p)) {
+      for (int64_t t = begin; t < end; ++t)
+        GroupColumnsAvx512(p, t * tile, std::min(tile, k - t * tile), x, m,
+                           n, acc, y);
+      return;
+    }
     const float* w[4];
     for (int r = 0; r < 4; ++r) w[r] = rows + r * tile;
     for (int64_t t = begin; t < end; ++t) {
