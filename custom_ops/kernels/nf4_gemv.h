@@ -19,7 +19,6 @@ constexpr int64_t kGemvColTile = 2048;  // transpose: max columns per task
 constexpr int64_t kGemvRowTile = 64;    // fused forward: W^T rows per tile
 constexpr int64_t kGemvKBlock = 1024;   // fused forward: K per block (L1)
 constexpr int64_t kGemvKBlockMax = 4096;  // group order: K per block, M = 1
-constexpr int64_t kGemvPrefetch = 0;      // extra bytes prefetched ahead
 
 // ---------------------------------------------------------------- scalar
 
@@ -149,9 +148,9 @@ KQ_AVX512 void FusedTileAvx512(const Problem& p, int64_t row, int64_t k0,
   }
 }
 
-// Floats of a per-row block-scale array for `len` elements (blocks of 32
-// or more, one straddled block, slack for a masked 4-float load).
-constexpr int64_t GroupScaleFloats(int64_t len) { return len / 32 + 8; }
+// Floats of a per-row block-scale array for `len` elements: blocks of 32
+// or more, the first and last possibly partial.
+constexpr int64_t GroupScaleFloats(int64_t len) { return len / 32 + 2; }
 
 // The same tile in group order (K % 128 == 0): 64-byte loads decoded by
 // shifts and table permutes (see GroupSource); block scales computed once
@@ -167,14 +166,15 @@ KQ_AVX512 void GroupTileAvx512(const Problem& p, int64_t row, int64_t k0,
   const int64_t k = p.k, len = k1 - k0, shift = p.block_shift;
   float s[NR][GroupScaleFloats(kGemvKBlockMax)];
   const uint8_t* src[NR];
+  const float* sp[NR];
   int64_t f0[NR];
   for (int j = 0; j < NR; ++j) {
     f0[j] = (row + j) * k + k0;
-    FillBlockScales(p, f0[j], f0[j] + len, s[j]);
+    sp[j] = BlockScalesAvx512(p, f0[j], f0[j] + len, s[j]);
     src[j] = p.packed + f0[j] / 2;
   }
   // Rows row + NR .. are next (the next tile, same columns).
-  const int64_t ahead = NR * k / 2 + kGemvPrefetch;
+  const int64_t ahead = NR * k / 2;
   __m512 acc[NR][MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -187,7 +187,7 @@ KQ_AVX512 void GroupTileAvx512(const Problem& p, int64_t row, int64_t k0,
       _mm_prefetch(reinterpret_cast<const char*>(g) + ahead, _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512(g);
       const __m512 sv = GroupScales(
-          s[j] + (((f0[j] + d) >> shift) - (f0[j] >> shift)), map);
+          sp[j] + (((f0[j] + d) >> shift) - (f0[j] >> shift)), map);
       if constexpr (MR == 1) {
         // Two chains of partial sums hide the FMA latency.
         __m512 t0 = _mm512_mul_ps(_mm512_loadu_ps(x),
@@ -235,17 +235,15 @@ using FusedTileFn = void (*)(const Problem&, int64_t, int64_t, int64_t,
 constexpr int kGemvMr = 8;  // rows of x per register tile
 constexpr int kGemvNr = 2;  // rows of W^T per register tile
 
-// kFusedTiles.fn[g][mr - 1][nr - 1] = FusedTileAvx512<mr, nr> (g = 0) or
-// GroupTileAvx512<mr, nr> (g = 1).
+// kFusedTiles.fn[mr - 1][nr - 1] = FusedTileAvx512<mr, nr>.
 struct FusedTiles {
-  FusedTileFn fn[2][kGemvMr][kGemvNr];
+  FusedTileFn fn[kGemvMr][kGemvNr];
 };
 template <int I>
 constexpr void FillFusedTiles(FusedTiles* t) {
   if constexpr (I < kGemvMr * kGemvNr) {
-    constexpr int kM = I / kGemvNr + 1, kN = I % kGemvNr + 1;
-    t->fn[0][kM - 1][kN - 1] = FusedTileAvx512<kM, kN>;
-    t->fn[1][kM - 1][kN - 1] = GroupTileAvx512<kM, kN>;
+    t->fn[I / kGemvNr][I % kGemvNr] =
+        FusedTileAvx512<I / kGemvNr + 1, I % kGemvNr + 1>;
     FillFusedTiles<I + 1>(t);
   }
 }
@@ -256,18 +254,34 @@ constexpr FusedTiles MakeFusedTiles() {
 }
 inline constexpr FusedTiles kFusedTiles = MakeFusedTiles();
 
-// Rows [row0, row1) of y (M x N) = xc (M x K, chunk or group order) @ W,
-// in tiles of kGemvRowTile rows x a K block x all rows of x. The K block
-// keeps the rows of x that a tile reads in L1; in group order it grows
-// when M is small, so that each row of W^T is read in one long stream.
-KQ_AVX512 inline void FusedRowsAvx512(const Problem& p, int64_t row0,
-                                      int64_t row1, const float* xc,
+// kGroupTiles.fn[mr - 1][nr - 1] = GroupTileAvx512<mr, nr>.
+struct GroupTiles {
+  FusedTileFn fn[kGemvMr][kGemvNr];
+};
+template <int I>
+constexpr void FillGroupTiles(GroupTiles* t) {
+  if constexpr (I < kGemvMr * kGemvNr) {
+    t->fn[I / kGemvNr][I % kGemvNr] =
+        GroupTileAvx512<I / kGemvNr + 1, I % kGemvNr + 1>;
+    FillGroupTiles<I + 1>(t);
+  }
+}
+constexpr GroupTiles MakeGroupTiles() {
+  GroupTiles t{};
+  FillGroupTiles<0>(&t);
+  return t;
+}
+inline constexpr GroupTiles kGroupTiles = MakeGroupTiles();
+
+// Rows [row0, row1) of y (M x N) = xg (M x K, group order) @ W, in tiles
+// of kGemvRowTile rows x a K block x up to 8 rows of x. The K block keeps
+// the rows of x that a tile reads in L1; it grows when M is small (4096
+// at M = 1), so that each row of W^T is read in one long stream.
+KQ_AVX512 inline void GroupRowsAvx512(const Problem& p, int64_t row0,
+                                      int64_t row1, const float* xg,
                                       int64_t m, float* y, int64_t ldy) {
-  const int group = UseGroupOrder(p) ? 1 : 0;
-  const int64_t kblock =
-      group ? std::clamp<int64_t>(kGemvKBlockMax / m / kGroup * kGroup,
-                                  kGemvKBlock, kGemvKBlockMax)
-            : kGemvKBlock;
+  const int64_t kblock = std::clamp<int64_t>(
+      kGemvKBlockMax / m / kGroup * kGroup, kGemvKBlock, kGemvKBlockMax);
   for (int64_t r0 = row0; r0 < row1; r0 += kGemvRowTile) {
     const int64_t r1 = std::min(row1, r0 + kGemvRowTile);
     for (int64_t k0 = 0; k0 < p.k; k0 += kblock) {
@@ -276,8 +290,31 @@ KQ_AVX512 inline void FusedRowsAvx512(const Problem& p, int64_t row0,
         const int64_t mr = std::min<int64_t>(kGemvMr, m - i);
         for (int64_t j = r0; j < r1; j += kGemvNr) {
           const int64_t nr = std::min<int64_t>(kGemvNr, r1 - j);
-          kFusedTiles.fn[group][mr - 1][nr - 1](
-              p, j, k0, k1, xc + i * p.k, y + i * ldy, ldy, k0 > 0);
+          kGroupTiles.fn[mr - 1][nr - 1](p, j, k0, k1, xg + i * p.k,
+                                         y + i * ldy, ldy, k0 > 0);
+        }
+      }
+    }
+  }
+}
+
+// Rows [row0, row1) of y (M x N) = xc (M x K, chunk order, or group order
+// when UseGroupOrder) @ W, in tiles of kGemvRowTile rows x kGemvKBlock
+// columns x all rows of x.
+KQ_AVX512 inline void FusedRowsAvx512(const Problem& p, int64_t row0,
+                                      int64_t row1, const float* xc,
+                                      int64_t m, float* y, int64_t ldy) {
+  if (UseGroupOrder(p)) return GroupRowsAvx512(p, row0, row1, xc, m, y, ldy);
+  for (int64_t r0 = row0; r0 < row1; r0 += kGemvRowTile) {
+    const int64_t r1 = std::min(row1, r0 + kGemvRowTile);
+    for (int64_t k0 = 0; k0 < p.k; k0 += kGemvKBlock) {
+      const int64_t k1 = std::min(p.k, k0 + kGemvKBlock);
+      for (int64_t i = 0; i < m; i += kGemvMr) {
+        const int64_t mr = std::min<int64_t>(kGemvMr, m - i);
+        for (int64_t j = r0; j < r1; j += kGemvNr) {
+          const int64_t nr = std::min<int64_t>(kGemvNr, r1 - j);
+          kFusedTiles.fn[mr - 1][nr - 1](p, j, k0, k1, xc + i * p.k,
+                                         y + i * ldy, ldy, k0 > 0);
         }
       }
     }
@@ -304,13 +341,14 @@ KQ_AVX512 void GroupAxpyRowsAvx512(const Problem& p, int64_t j, int64_t c0,
   const int64_t k = p.k, shift = p.block_shift;
   float s[R][GroupScaleFloats(kGemvColTile)];
   const uint8_t* src[R];
+  const float* sp[R];
   int64_t f0[R];
   for (int r = 0; r < R; ++r) {
     f0[r] = (j + r) * k + c0;
-    FillBlockScales(p, f0[r], f0[r] + len, s[r]);
+    sp[r] = BlockScalesAvx512(p, f0[r], f0[r] + len, s[r]);
     src[r] = p.packed + f0[r] / 2;
   }
-  const int64_t ahead = R * k / 2 + kGemvPrefetch;  // the next R rows
+  const int64_t ahead = R * k / 2;  // the next R rows
   for (int64_t d = 0; d < len; d += kGroup) {
     __m512i v[R];
     __m512 sv[R];
@@ -320,7 +358,7 @@ KQ_AVX512 void GroupAxpyRowsAvx512(const Problem& p, int64_t j, int64_t c0,
       _mm_prefetch(reinterpret_cast<const char*>(g) + ahead, _MM_HINT_T0);
       v[r] = _mm512_loadu_si512(g);
       sv[r] = GroupScales(
-          s[r] + (((f0[r] + d) >> shift) - (f0[r] >> shift)), map);
+          sp[r] + (((f0[r] + d) >> shift) - (f0[r] >> shift)), map);
     }
     if (m == 1) {
       __m512 c[R];
