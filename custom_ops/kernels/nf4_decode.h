@@ -97,7 +97,8 @@ struct IsaKernels {
                      float*, int64_t);
   int64_t mr;         // output rows per micro tile
   int64_t mp;         // x rows per packed panel
-  int64_t gemv_rows;  // forward with M up to this (fused_rows) skips GEMM
+  int64_t gemv_rows;  // M up to this (fused_rows; forward, or transpose
+                      // in group order) skips GEMM
 };
 
 // ---------------------------------------------------------------- scalar

@@ -152,14 +152,14 @@ KQ_AVX512 void FusedTileAvx512(const Problem& p, int64_t row, int64_t k0,
 // or more, the first and last possibly partial.
 constexpr int64_t GroupScaleFloats(int64_t len) { return len / 32 + 2; }
 
-// The same tile in group order (K % 128 == 0): 64-byte loads decoded by
-// shifts and table permutes (see GroupSource); block scales computed once
-// per block. With one row of x the scale is applied once per group to the
+// The same tile in group order (K % 128 == 0), x[:, k0 : k1) packed by
+// PackGroupX: 64-byte loads decoded by shifts and table permutes (see
+// GroupSource); block scales computed once per block. With one row of x the scale is applied once per group to the
 // group's partial dot products; with more it scales the decoded weights,
 // which every row of x then shares.
 template <int MR, int NR>
 KQ_AVX512 void GroupTileAvx512(const Problem& p, int64_t row, int64_t k0,
-                               int64_t k1, const float* xg, float* y,
+                               int64_t k1, const float* xp, float* y,
                                int64_t ldy, bool add) {
   const __m512 table = _mm512_load_ps(kNf4Code);
   const GroupScaleMap map = MakeGroupScaleMap(p.block_shift);
@@ -180,7 +180,7 @@ KQ_AVX512 void GroupTileAvx512(const Problem& p, int64_t row, int64_t k0,
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[j][i] = _mm512_setzero_ps();
   for (int64_t d = 0; d < len; d += kGroup) {
-    const float* x = xg + k0 + d;
+    const float* x = xp + d * MR;
 #pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) {
       const uint8_t* g = src[j] + d / 2;
@@ -213,8 +213,8 @@ KQ_AVX512 void GroupTileAvx512(const Problem& p, int64_t row, int64_t k0,
               _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * q), table), sv);
 #pragma GCC unroll 8
           for (int i = 0; i < MR; ++i)
-            acc[j][i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * k + 16 * q),
-                                        w, acc[j][i]);
+            acc[j][i] = _mm512_fmadd_ps(
+                _mm512_load_ps(x + 16 * (q * MR + i)), w, acc[j][i]);
         }
       }
     }
@@ -273,6 +273,22 @@ constexpr GroupTiles MakeGroupTiles() {
 }
 inline constexpr GroupTiles kGroupTiles = MakeGroupTiles();
 
+// xp = rows [0, mr) x columns [k0, k1) of xg (row stride k), 16 columns
+// at a time for all mr rows: element (i, c) at 16 * (mr * (c / 16) + i) +
+// c % 16. One pointer then reaches every row, and rows of K floats apart
+// (which alias in L1 when K is a multiple of 1024) are never read
+// together. At mr = 1 this is xg itself.
+KQ_AVX512 inline const float* PackGroupX(const float* xg, int64_t k,
+                                         int64_t k0, int64_t k1, int64_t mr,
+                                         float* xp) {
+  if (mr == 1) return xg + k0;
+  for (int64_t c = k0; c < k1; c += 16)
+    for (int64_t i = 0; i < mr; ++i)
+      _mm512_store_ps(xp + 16 * (mr * ((c - k0) / 16) + i),
+                      _mm512_loadu_ps(xg + i * k + c));
+  return xp;
+}
+
 // Rows [row0, row1) of y (M x N) = xg (M x K, group order) @ W, in tiles
 // of kGemvRowTile rows x a K block x up to 8 rows of x. The K block keeps
 // the rows of x that a tile reads in L1; it grows when M is small (4096
@@ -282,16 +298,19 @@ KQ_AVX512 inline void GroupRowsAvx512(const Problem& p, int64_t row0,
                                       int64_t m, float* y, int64_t ldy) {
   const int64_t kblock = std::clamp<int64_t>(
       kGemvKBlockMax / m / kGroup * kGroup, kGemvKBlock, kGemvKBlockMax);
+  // Packed x of one tile (at most 2 x 2048 or 8 x 1024 floats).
+  alignas(64) float xp[kGemvMr * kGemvKBlock];
   for (int64_t r0 = row0; r0 < row1; r0 += kGemvRowTile) {
     const int64_t r1 = std::min(row1, r0 + kGemvRowTile);
     for (int64_t k0 = 0; k0 < p.k; k0 += kblock) {
       const int64_t k1 = std::min(p.k, k0 + kblock);
       for (int64_t i = 0; i < m; i += kGemvMr) {
         const int64_t mr = std::min<int64_t>(kGemvMr, m - i);
+        const float* x = PackGroupX(xg + i * p.k, p.k, k0, k1, mr, xp);
         for (int64_t j = r0; j < r1; j += kGemvNr) {
           const int64_t nr = std::min<int64_t>(kGemvNr, r1 - j);
-          kGroupTiles.fn[mr - 1][nr - 1](p, j, k0, k1, xg + i * p.k,
-                                         y + i * ldy, ldy, k0 > 0);
+          kGroupTiles.fn[mr - 1][nr - 1](p, j, k0, k1, x, y + i * ldy, ldy,
+                                         k0 > 0);
         }
       }
     }
@@ -328,10 +347,15 @@ inline bool GemvGroupOrder(const IsaKernels& isa, const Problem& p) {
   return isa.fused_rows == FusedRowsAvx512 && UseGroupOrder(p);
 }
 
-// acc (m x len, group order) += x[:, j .. j + R) @ W^T[j .. j + R,
-// c0 : c0 + len) (x rows of stride ldx). Decodes R rows at once so that
-// each pass over acc adds R rows; with one row of x the block scale goes
-// into the coefficient (once per group) instead of into every weight.
+constexpr int64_t kGemvTransposeMaxRows = 32;  // M of the GEMV transpose
+
+// acc += x[:, j .. j + R) @ W^T[j .. j + R, c0 : c0 + len) (x rows of
+// stride ldx), where acc holds the m x len sums in group order, 16
+// columns at a time for all m rows: element (i, c) at (c - c % 16) * m +
+// 16 * i + c % 16. (Rows of K floats apart would alias in L1 when K is a
+// multiple of 1024.) Decodes R rows at once so that each pass over acc
+// adds R rows; with one row of x the block scale goes into the
+// coefficient (once per group) instead of into every weight.
 template <int R>
 KQ_AVX512 void GroupAxpyRowsAvx512(const Problem& p, int64_t j, int64_t c0,
                                    int64_t len, const float* x, int64_t ldx,
@@ -349,6 +373,11 @@ KQ_AVX512 void GroupAxpyRowsAvx512(const Problem& p, int64_t j, int64_t c0,
     src[r] = p.packed + f0[r] / 2;
   }
   const int64_t ahead = R * k / 2;  // the next R rows
+  // x[i, j + r] at xr[r * m + i] (m <= kGemvTransposeMaxRows), read
+  // together instead of from rows of x N floats apart.
+  float xr[R * kGemvTransposeMaxRows];
+  for (int r = 0; r < R; ++r)
+    for (int64_t i = 0; i < m; ++i) xr[r * m + i] = x[i * ldx + j + r];
   for (int64_t d = 0; d < len; d += kGroup) {
     __m512i v[R];
     __m512 sv[R];
@@ -363,7 +392,7 @@ KQ_AVX512 void GroupAxpyRowsAvx512(const Problem& p, int64_t j, int64_t c0,
     if (m == 1) {
       __m512 c[R];
       for (int r = 0; r < R; ++r)
-        c[r] = _mm512_mul_ps(_mm512_set1_ps(x[j + r]), sv[r]);
+        c[r] = _mm512_mul_ps(_mm512_set1_ps(xr[r]), sv[r]);
 #pragma GCC unroll 8
       for (int q = 0; q < 8; ++q) {
         float* a = acc + d + 16 * q;
@@ -386,11 +415,11 @@ KQ_AVX512 void GroupAxpyRowsAvx512(const Problem& p, int64_t j, int64_t c0,
             _mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * q), table),
             sv[r]);
       for (int64_t i = 0; i < m; ++i) {
-        float* a = acc + i * len + d + 16 * q;
+        float* a = acc + (d + 16 * q) * m + 16 * i;
         __m512 t = _mm512_loadu_ps(a);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r)
-          t = _mm512_fmadd_ps(w[r], _mm512_set1_ps(x[i * ldx + j + r]), t);
+          t = _mm512_fmadd_ps(w[r], _mm512_set1_ps(xr[r * m + i]), t);
         _mm512_storeu_ps(a, t);
       }
     }
@@ -399,20 +428,59 @@ KQ_AVX512 void GroupAxpyRowsAvx512(const Problem& p, int64_t j, int64_t c0,
 
 constexpr int kGemvTransposeRows = 4;  // rows of W^T per pass over acc
 
-// y[:, c0 : c0 + len) (M x K) = x (M x N) @ W^T[:, c0 : c0 + len), in group
-// order (c0 and len multiples of 128); acc: m x len scratch.
-KQ_AVX512 inline void GroupColumnsAvx512(const Problem& p, int64_t c0,
-                                         int64_t len, const float* x,
-                                         int64_t m, int64_t n, float* acc,
-                                         float* y) {
-  std::fill(acc, acc + m * len, 0.0f);
-  int64_t j = 0;
-  for (; j + kGemvTransposeRows <= n; j += kGemvTransposeRows)
-    GroupAxpyRowsAvx512<kGemvTransposeRows>(p, j, c0, len, x, n, m, acc);
-  for (; j < n; ++j) GroupAxpyRowsAvx512<1>(p, j, c0, len, x, n, m, acc);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t q = 0; q < len; ++q)
-      y[i * p.k + c0 + GroupSource(q)] = acc[i * len + q];
+// Rows [r0, r1) of W^T into acc (m x K, group order, laid out as in
+// GroupAxpyRowsAvx512): acc += x[:, r0 : r1) @ W^T[r0 : r1, :], R rows at
+// a time, each read whole before the next R (column tiles bound the
+// per-row scale arrays).
+KQ_AVX512 inline void GroupRowRangeAvx512(const Problem& p, int64_t r0,
+                                          int64_t r1, const float* x,
+                                          int64_t m, int64_t n, float* acc) {
+  const int64_t k = p.k;
+  int64_t j = r0;
+  for (; j + kGemvTransposeRows <= r1; j += kGemvTransposeRows)
+    for (int64_t c0 = 0; c0 < k; c0 += kGemvColTile)
+      GroupAxpyRowsAvx512<kGemvTransposeRows>(
+          p, j, c0, std::min(kGemvColTile, k - c0), x, n, m, acc + c0 * m);
+  for (; j < r1; ++j)
+    for (int64_t c0 = 0; c0 < k; c0 += kGemvColTile)
+      GroupAxpyRowsAvx512<1>(p, j, c0, std::min(kGemvColTile, k - c0), x, n,
+                             m, acc + c0 * m);
+}
+
+// y (M x K) = x (M x N) @ W^T in group order. W^T is cut into `parts`
+// contiguous row ranges, one per thread, so that each thread streams its
+// weights front to back as the forward pass does; each range sums into
+// its own scratch slice (m x K), and the slices are added in a fixed
+// order, so the result does not depend on scheduling.
+KQ_AVX512 inline void GroupTransposeAvx512(const Problem& p, Pool* pool,
+                                           const Scratch& scratch,
+                                           const float* x, int64_t m,
+                                           int64_t n, float* y) {
+  const int64_t k = p.k;
+  const int64_t parts = std::clamp<int64_t>(n / 64, 1, pool->NumThreads());
+  ParallelRange(pool, parts, n * k * (m + 2), [&](int64_t b, int64_t e) {
+    for (int64_t part = b; part < e; ++part) {
+      float* acc = scratch.For(static_cast<int>(part));
+      std::fill(acc, acc + m * k, 0.0f);
+      GroupRowRangeAvx512(p, n * part / parts, n * (part + 1) / parts, x, m,
+                          n, acc);
+    }
+  });
+  const int64_t groups = k / kGroup;
+  ParallelRange(pool, groups, m * kGroup * (parts + 1),
+                [&](int64_t b, int64_t e) {
+    for (int64_t g = b; g < e; ++g) {
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t q = 0; q < kGroup; ++q) {
+          const int64_t at = (g * kGroup + (q & ~15)) * m + 16 * i + (q & 15);
+          float v = scratch.For(0)[at];
+          for (int64_t part = 1; part < parts; ++part)
+            v += scratch.For(static_cast<int>(part))[at];
+          y[i * k + g * kGroup + GroupSource(q)] = v;
+        }
+      }
+    }
+  });
 }
 
 // ---------------------------------------------------------------- drivers
@@ -422,16 +490,17 @@ inline int64_t GemvForwardScratch(int64_t k) { return ScratchFloats(k); }
 inline int64_t GemvTileCols(const Problem& p, Pool* pool) {
   // Long row segments keep the strided reads of W^T prefetch-friendly; one
   // tile per thread when K is small.
-  // Group order needs whole groups.
   const int64_t threads = std::max(1, pool->NumThreads());
-  const int64_t unit = UseGroupOrder(p) ? kGroup : kChunk;
   return std::max<int64_t>(
-      unit, std::min(kGemvColTile,
-                     nf4::CeilDiv(nf4::CeilDiv(p.k, threads), unit) * unit));
+      kChunk,
+      std::min(kGemvColTile,
+               nf4::CeilDiv(nf4::CeilDiv(p.k, threads), kChunk) * kChunk));
 }
 inline int64_t GemvTransposeScratch(const Problem& p, Pool* pool,
                                     int64_t m) {
-  return ScratchFloats((m + 4) * GemvTileCols(p, pool));
+  // Group order (AVX-512): one m x K partial sum per thread.
+  const int64_t tiles = ScratchFloats((m + 4) * GemvTileCols(p, pool));
+  return UseGroupOrder(p) ? std::max(tiles, ScratchFloats(m * p.k)) : tiles;
 }
 
 // y (M x N) = xc (M x K, chunk order if p.chunk_order) @ W.
@@ -454,6 +523,8 @@ inline void GemvForward(const IsaKernels& isa, const Problem& p, Pool* pool,
 inline void GemvTranspose(const IsaKernels& isa, const Problem& p,
                           Pool* pool, const Scratch& scratch, const float* x,
                           int64_t m, int64_t n, float* y) {
+  if (GemvGroupOrder(isa, p) && m <= kGemvTransposeMaxRows)
+    return GroupTransposeAvx512(p, pool, scratch, x, m, n, y);
   const int64_t k = p.k;
   const int64_t tile = GemvTileCols(p, pool);
   const int64_t tiles = nf4::CeilDiv(k, tile);
@@ -461,12 +532,6 @@ inline void GemvTranspose(const IsaKernels& isa, const Problem& p,
                  [&](int64_t begin, int64_t end, float* buf) {
     float* acc = buf;             // m x tile
     float* rows = buf + m * tile;  // 4 x tile
-    if (GemvGroupOrder(isa, p)) {
-      for (int64_t t = begin; t < end; ++t)
-        GroupColumnsAvx512(p, t * tile, std::min(tile, k - t * tile), x, m,
-                           n, acc, y);
-      return;
-    }
     const float* w[4];
     for (int r = 0; r < 4; ++r) w[r] = rows + r * tile;
     for (int64_t t = begin; t < end; ++t) {

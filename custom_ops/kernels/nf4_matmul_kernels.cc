@@ -170,8 +170,11 @@ class Nf4MatmulOp : public OpKernel {
     float* yf = float_out ? reinterpret_cast<float*>(y->flat<T>().data())
                           : y32.flat<float>().data();
     const bool fused = isa_->fused_rows != nullptr && p.chunk_order;
+    // The group-order GEMV transpose beats the GEMM as far as the forward.
     const int64_t gemv_rows =
-        !attrs_.transpose && fused ? isa_->gemv_rows : kMaxGemvRows;
+        fused && (!attrs_.transpose || GemvGroupOrder(*isa_, p))
+            ? isa_->gemv_rows
+            : kMaxGemvRows;
     // One scratch slice per worker id of ParallelForWithWorkerId.
     const int64_t threads = pool->NumThreads() + 1;
     Scratch scratch;

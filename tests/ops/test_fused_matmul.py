@@ -83,6 +83,8 @@ CASES = [
     ((5,), 640, 13, 32, False, True, "float16"),
     ((1,), 4096, 6, 64, True, True, "float32"),  # several column tiles
     ((12,), 256, 66, 128, True, True, "float32"),
+    ((3,), 128, 300, 64, True, True, "float32"),  # a row range per thread
+    ((17,), 256, 40, 64, True, True, "float32"),  # GEMV up to M = 20
     ((0,), 64, 32, 64, True, False, "float32"),  # M = 0
     ((2, 0), 64, 32, 64, False, True, "bfloat16"),
 ]
