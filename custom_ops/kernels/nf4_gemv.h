@@ -221,9 +221,13 @@ inline int64_t GemvTileCols(const Problem& p, Pool* pool) {
 }
 inline int64_t GemvTransposeScratch(const Problem& p, Pool* pool,
                                     int64_t m) {
-  // Group order (AVX-512): one m x K partial sum per thread.
   const int64_t tiles = ScratchFloats((m + 4) * GemvTileCols(p, pool));
-  return UseGroupOrder(p) ? std::max(tiles, ScratchFloats(m * p.k)) : tiles;
+  if (!UseGroupOrder(p)) return tiles;
+  // Group order (AVX-512): the m x K partial sums of all row ranges, in
+  // the NumThreads() + 1 slices (one buffer) that the op allocates.
+  const int64_t most = GroupTransposeParts(p, pool, m, int64_t{1} << 62);
+  return std::max(tiles, ScratchFloats(nf4::CeilDiv(
+                             most * m * p.k, pool->NumThreads() + 1)));
 }
 
 // y (M x N) = xc (M x K, chunk order if p.chunk_order) @ W.
@@ -247,7 +251,7 @@ inline void GemvTranspose(const IsaKernels& isa, const Problem& p,
                           Pool* pool, const Scratch& scratch, const float* x,
                           int64_t m, int64_t n, float* y) {
   if (GemvGroupOrder(isa, p) && m <= kGroupTransposeMaxRows)
-    return GroupTransposeAvx512(p, pool, scratch, x, m, n, y);
+    return GroupTransposeAvx512(p, pool, scratch.base, x, m, n, y);
   const int64_t k = p.k;
   const int64_t tile = GemvTileCols(p, pool);
   const int64_t tiles = nf4::CeilDiv(k, tile);

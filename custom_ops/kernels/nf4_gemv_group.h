@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 
 #include "nf4_decode.h"
 
@@ -381,25 +382,44 @@ KQ_AVX512 inline void GroupRowRangeAvx512(const Problem& p, int64_t r0,
                              m, acc + c0 * m);
 }
 
+// Row ranges of W^T the transpose is cut into: several per thread, so that
+// a thread that falls behind (a busy machine) leaves its share to the
+// others, while each range stays a long contiguous stream; bounded by
+// n / 64 and by the memory of their m x K partial sums.
+constexpr int64_t kGroupPartsPerThread = 4;
+constexpr int64_t kGroupPartialFloats = int64_t{1} << 21;  // 8 MB
+inline int64_t GroupTransposeParts(const Problem& p, Pool* pool, int64_t m,
+                                   int64_t n) {
+  const int64_t threads = std::max(1, pool->NumThreads());
+  const int64_t most = std::clamp<int64_t>(
+      kGroupPartialFloats / (m * p.k), threads,
+      kGroupPartsPerThread * threads);
+  return std::clamp<int64_t>(n / 64, 1, most);
+}
+
 // y (M x K) = x (M x N) @ W^T in group order. W^T is cut into `parts`
-// contiguous row ranges, one per thread, so that each thread streams its
-// weights front to back as the forward pass does; each range sums into
-// its own scratch slice (m x K), and the slices are added in a fixed
-// order, so the result does not depend on scheduling.
+// contiguous row ranges (GroupTransposeParts), which threads take as they
+// come; each range sums into its own m x K partial sum in `partial`, and
+// the partial sums are added in a fixed order, so the result does not
+// depend on scheduling.
 KQ_AVX512 inline void GroupTransposeAvx512(const Problem& p, Pool* pool,
-                                           const Scratch& scratch,
-                                           const float* x, int64_t m,
-                                           int64_t n, float* y) {
+                                           float* partial, const float* x,
+                                           int64_t m, int64_t n, float* y) {
   const int64_t k = p.k;
-  const int64_t parts = std::clamp<int64_t>(n / 64, 1, pool->NumThreads());
-  ParallelRange(pool, parts, n * k * (m + 2), [&](int64_t b, int64_t e) {
-    for (int64_t part = b; part < e; ++part) {
-      float* acc = scratch.For(static_cast<int>(part));
-      std::fill(acc, acc + m * k, 0.0f);
-      GroupRowRangeAvx512(p, n * part / parts, n * (part + 1) / parts, x, m,
-                          n, acc);
-    }
-  });
+  const int64_t parts = GroupTransposeParts(p, pool, m, n);
+  const int64_t size = m * k;
+  pool->ParallelFor(
+      parts,
+      Pool::SchedulingParams(Pool::SchedulingStrategy::kFixedBlockSize,
+                             std::nullopt, 1),
+      [&](int64_t b, int64_t e) {
+        for (int64_t part = b; part < e; ++part) {
+          float* acc = partial + part * size;
+          std::fill(acc, acc + size, 0.0f);
+          GroupRowRangeAvx512(p, n * part / parts, n * (part + 1) / parts, x,
+                              m, n, acc);
+        }
+      });
   const int64_t groups = k / kGroup;
   ParallelRange(pool, groups, m * kGroup * (parts + 1),
                 [&](int64_t b, int64_t e) {
@@ -407,9 +427,9 @@ KQ_AVX512 inline void GroupTransposeAvx512(const Problem& p, Pool* pool,
       for (int64_t i = 0; i < m; ++i) {
         for (int64_t q = 0; q < kGroup; ++q) {
           const int64_t at = (g * kGroup + (q & ~15)) * m + 16 * i + (q & 15);
-          float v = scratch.For(0)[at];
+          float v = partial[at];
           for (int64_t part = 1; part < parts; ++part)
-            v += scratch.For(static_cast<int>(part))[at];
+            v += partial[part * size + at];
           y[i * k + g * kGroup + GroupSource(q)] = v;
         }
       }
