@@ -92,7 +92,8 @@ struct IsaKernels {
   // decode + dot).
   void (*fused_rows)(const Problem&, int64_t, int64_t, const float*, int64_t,
                      float*, int64_t);
-  int64_t gemv_rows;  // forward with M up to this (fused_rows) skips GEMM
+  int64_t gemv_rows;  // M up to this (fused_rows; forward, or transpose
+                      // in group order) skips GEMM
 };
 
 // ---------------------------------------------------------------- scalar

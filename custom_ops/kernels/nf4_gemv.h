@@ -2,7 +2,9 @@
 // Forward: each thread decodes rows of W^T and takes dot products with all
 // M rows of x (AVX-512: decoding in registers, a 2-row x 8-row register
 // tile, K cut into L1-sized blocks). Transpose: each thread decodes column
-// tiles of W^T and adds axpys into M accumulator rows. Inline-only.
+// tiles of W^T and adds axpys into M accumulator rows. On AVX-512 with
+// K % 128 == 0 both use the group-order kernels of nf4_gemv_group.h.
+// Inline-only.
 
 #ifndef KERAS_QLORA_CUSTOM_OPS_KERNELS_NF4_GEMV_H_
 #define KERAS_QLORA_CUSTOM_OPS_KERNELS_NF4_GEMV_H_
@@ -11,6 +13,7 @@
 #include <cstdint>
 
 #include "nf4_decode.h"
+#include "nf4_gemv_group.h"
 
 namespace keras_qlora {
 namespace nf4_matmul {
@@ -173,11 +176,13 @@ constexpr FusedTiles MakeFusedTiles() {
 }
 inline constexpr FusedTiles kFusedTiles = MakeFusedTiles();
 
-// Rows [row0, row1) of y (M x N) = xc (M x K, chunk order) @ W, in tiles
-// of kGemvRowTile rows x kGemvKBlock columns x all rows of x.
+// Rows [row0, row1) of y (M x N) = xc (M x K, chunk order, or group order
+// when UseGroupOrder) @ W, in tiles of kGemvRowTile rows x kGemvKBlock
+// columns x all rows of x.
 KQ_AVX512 inline void FusedRowsAvx512(const Problem& p, int64_t row0,
                                       int64_t row1, const float* xc,
                                       int64_t m, float* y, int64_t ldy) {
+  if (UseGroupOrder(p)) return GroupRowsAvx512(p, row0, row1, xc, m, y, ldy);
   for (int64_t r0 = row0; r0 < row1; r0 += kGemvRowTile) {
     const int64_t r1 = std::min(row1, r0 + kGemvRowTile);
     for (int64_t k0 = 0; k0 < p.k; k0 += kGemvKBlock) {
@@ -192,6 +197,13 @@ KQ_AVX512 inline void FusedRowsAvx512(const Problem& p, int64_t row0,
       }
     }
   }
+}
+
+// Whether GemvForward / GemvTranspose use group order: the AVX-512 kernels
+// (the only ones with fused_rows) and K % 128 == 0. Forward x must then be
+// permuted with GroupSource instead of ChunkSource.
+inline bool GemvGroupOrder(const IsaKernels& isa, const Problem& p) {
+  return isa.fused_rows == FusedRowsAvx512 && UseGroupOrder(p);
 }
 
 // ---------------------------------------------------------------- drivers
@@ -209,7 +221,13 @@ inline int64_t GemvTileCols(const Problem& p, Pool* pool) {
 }
 inline int64_t GemvTransposeScratch(const Problem& p, Pool* pool,
                                     int64_t m) {
-  return ScratchFloats((m + 4) * GemvTileCols(p, pool));
+  const int64_t tiles = ScratchFloats((m + 4) * GemvTileCols(p, pool));
+  if (!UseGroupOrder(p)) return tiles;
+  // Group order (AVX-512): the m x K partial sums of all row ranges, in
+  // the NumThreads() + 1 slices (one buffer) that the op allocates.
+  const int64_t most = GroupTransposeParts(p, pool, m, int64_t{1} << 62);
+  return std::max(tiles, ScratchFloats(nf4::CeilDiv(
+                             most * m * p.k, pool->NumThreads() + 1)));
 }
 
 // y (M x N) = xc (M x K, chunk order if p.chunk_order) @ W.
@@ -232,6 +250,8 @@ inline void GemvForward(const IsaKernels& isa, const Problem& p, Pool* pool,
 inline void GemvTranspose(const IsaKernels& isa, const Problem& p,
                           Pool* pool, const Scratch& scratch, const float* x,
                           int64_t m, int64_t n, float* y) {
+  if (GemvGroupOrder(isa, p) && m <= kGroupTransposeMaxRows)
+    return GroupTransposeAvx512(p, pool, scratch.base, x, m, n, y);
   const int64_t k = p.k;
   const int64_t tile = GemvTileCols(p, pool);
   const int64_t tiles = nf4::CeilDiv(k, tile);

@@ -137,14 +137,15 @@ void FromFloat(Pool* pool, const float* src, int64_t count, T* dst) {
   });
 }
 
-// x rows (M x K) -> float32 in chunk order (xc[i, q] = x[i, ChunkSource(q)]).
+// x rows (M x K) -> float32 in chunk or group order (xc[i, q] =
+// x[i, source(q)], source = ChunkSource or GroupSource).
 template <typename T>
 void ToFloatChunkOrder(Pool* pool, const T* x, int64_t m, int64_t k,
-                       float* xc) {
+                       int64_t (*source)(int64_t), float* xc) {
   ParallelRange(pool, m, 2 * k, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
       for (int64_t q = 0; q < k; ++q)
-        xc[i * k + q] = static_cast<float>(x[i * k + ChunkSource(q)]);
+        xc[i * k + q] = static_cast<float>(x[i * k + source(q)]);
   });
 }
 
@@ -185,8 +186,11 @@ class Nf4MatmulOp : public OpKernel {
     float* yf = float_out ? reinterpret_cast<float*>(y->flat<T>().data())
                           : y32.flat<float>().data();
     const bool fused = isa_->fused_rows != nullptr && p.chunk_order;
+    // The group-order GEMV transpose beats the GEMM as far as the forward.
     const int64_t gemv_rows =
-        !attrs_.transpose && fused ? isa_->gemv_rows : kMaxGemvRows;
+        fused && (!attrs_.transpose || GemvGroupOrder(*isa_, p))
+            ? isa_->gemv_rows
+            : kMaxGemvRows;
     // One scratch slice per worker id of ParallelForWithWorkerId.
     const int64_t threads = pool->NumThreads() + 1;
     Scratch scratch;
@@ -207,7 +211,9 @@ class Nf4MatmulOp : public OpKernel {
         GemvTranspose(*isa_, p, pool, scratch, xf, m, attrs_.n, yf);
       } else {
         if (p.chunk_order) {
-          ToFloatChunkOrder(pool, xd, m, attrs_.k, xf);
+          ToFloatChunkOrder(pool, xd, m, attrs_.k,
+                            GemvGroupOrder(*isa_, p) ? GroupSource
+                                                     : ChunkSource, xf);
         } else {
           ToFloat(pool, xd, m * attrs_.k, xf);
         }

@@ -78,6 +78,25 @@ CASES = [
     ((30,), 96, 71, 64, True, True, "bfloat16"),
     ((2, 23), 64, 800, 128, True, True, "bfloat16"),
     ((27,), 96, 40, 64, True, False, "float16"),
+    # K % 128 == 0 on AVX-512: group order (64-byte loads, block scales
+    # once per block). M = 1 scales per group, M > 1 scales the weights;
+    # odd N ends on a 1-row tile; K blocks of 1024 .. 4096 with a partial
+    # last one; block 256 with K % 256 != 0 (a group in either half of a
+    # block); rows that straddle nested (256-block) scale groups.
+    ((1,), 256, 40, 64, True, False, "float32"),
+    ((1,), 384, 33, 256, True, False, "float32"),
+    ((1,), 4224, 3, 32, False, False, "float32"),  # K block 4096 + 128
+    ((1,), 384, 50, 32, True, False, "float32"),  # rows straddle nested
+    ((3,), 1152, 20, 128, True, False, "float32"),  # K block 1024 + 128
+    ((11,), 256, 24, 64, False, False, "bfloat16"),  # 8 + 3 rows of x
+    ((20,), 128, 9, 32, True, False, "float32"),  # 8 + 8 + 4 rows of x
+    # transpose in group order: 4 rows of W^T per pass, then single rows
+    ((1,), 384, 7, 256, True, True, "float32"),
+    ((5,), 640, 13, 32, False, True, "float16"),
+    ((1,), 4096, 6, 64, True, True, "float32"),  # several column tiles
+    ((12,), 256, 66, 128, True, True, "float32"),
+    ((3,), 128, 300, 64, True, True, "float32"),  # a row range per thread
+    ((17,), 256, 40, 64, True, True, "float32"),  # GEMV up to M = 20
     ((0,), 64, 32, 64, True, False, "float32"),  # M = 0
     ((2, 0), 64, 32, 64, False, True, "bfloat16"),
 ]
@@ -212,15 +231,18 @@ def test_bf16_matches_tensorflow_bf16_matmul(lib, transpose):
     assert np.all(np.abs(g64 - e64) <= bound)
 
 
-def test_double_quant_scales_bitwise(lib):
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("k", [64, 128])  # chunk order, group order
+def test_double_quant_scales_bitwise(lib, k, transpose):
     # One nonzero code per block isolates the block scale: the op must
     # decode it exactly as dequantize_nf4 does (multiply, then add).
-    k, n, bs = 64, 8 * 256 // 8, 64  # 2048 elements -> 32 blocks
+    n, bs = 8 * 256 // 8, 64  # 256 rows of W^T: 256 or 512 blocks
     state = make_state(k, n, bs, True)
-    x = np.zeros((1, k), "float32")
+    x = np.zeros((1, n if transpose else k), "float32")
     x[0, 0] = 1.0
-    y = run_op(lib, tf.constant(x), state, False).numpy()
-    np.testing.assert_array_equal(y[0], dequantize_nf4(state)[0])
+    y = run_op(lib, tf.constant(x), state, transpose).numpy()
+    w = dequantize_nf4(state)  # (K, N)
+    np.testing.assert_array_equal(y[0], w[:, 0] if transpose else w[0])
 
 
 def test_bad_isa_env_is_an_error():
