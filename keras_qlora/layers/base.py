@@ -220,9 +220,13 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
         if self._lora_drop is not None:
             h = self._lora_drop(h, training=training)
         a = ops.cast(lora_a, self.compute_dtype)
-        b = ops.cast(lora_b, self.compute_dtype)
+        # The scale multiplies B (r x N, in float32) rather than the
+        # (M, N) product: one M x N pass fewer in the forward pass and one
+        # in the backward pass; the same result (exactly so when the scale
+        # is a power of two, as alpha = 2 r).
+        b = ops.cast(lora_b * self.lora_scale, self.compute_dtype)
         delta = ops.matmul(ops.matmul(h, a), b)  # (M, K) @ (K, r) @ (r, N)
-        return y + ops.cast(self.lora_scale, self.compute_dtype) * delta
+        return y + delta
 
     # -- construction from a float layer --------------------------------------
 
