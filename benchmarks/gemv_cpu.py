@@ -55,8 +55,15 @@ def chains(lib, nf4, f32, k, n):
         def run(x):
             for packed, absmax, scale, offset in nf4:
                 x = lib.keras_q_lo_ra_nf4_matmul(
-                    x, packed, absmax, scale, offset, k=k, n=n,
-                    block_size=64, transpose=transpose,
+                    x,
+                    packed,
+                    absmax,
+                    scale,
+                    offset,
+                    k=k,
+                    n=n,
+                    block_size=64,
+                    transpose=transpose,
                 )
             return x
 
@@ -97,7 +104,9 @@ def main():
     parser.add_argument("--rows", default="1,4,16", help="values of M")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument(
-        "--rounds", type=int, default=3,
+        "--rounds",
+        type=int,
+        default=3,
         help="alternate fused / f32 this often; the best round counts",
     )
     args = parser.parse_args()
@@ -107,20 +116,25 @@ def main():
     k, n, layers = args.k, args.n, args.layers
     rng = np.random.default_rng(0)
     nf4, f32 = build_layers(layers, k, n, rng)
-    nf4_bytes = sum(
-        int(np.prod(t.shape)) * t.dtype.size for s in nf4 for t in s[:3]
-    ) / layers
+    nf4_bytes = (
+        sum(int(np.prod(t.shape)) * t.dtype.size for s in nf4 for t in s[:3])
+        / layers
+    )
     f32_bytes = 4 * k * n
     fns = chains(lib, nf4, f32, k, n)
     total = f32_bytes * layers
     bw = tf.function(lambda: tf.add_n([tf.reduce_sum(w) for w in f32]))
     bw_s = median_ms(lambda _: bw(), None, args.reps, 1) / 1e3
-    print(f"{layers} layers of {k}x{n}: NF4 {nf4_bytes * layers / 1e6:.1f} "
-          f"MB, float32 {total / 1e6:.1f} MB; {os.cpu_count()} CPUs; "
-          f"reduce_sum {total / bw_s / 1e9:.1f} GB/s")
-    print(f"{'pass':>4} {'M':>3} {'fused ms':>9} {'GB/s':>5} "
-          f"{'f32 ms':>8} {'GB/s':>5} {'f32/fused':>9}")
-    for transpose in ((False, True) if k == n else (False,)):
+    print(
+        f"{layers} layers of {k}x{n}: NF4 {nf4_bytes * layers / 1e6:.1f} "
+        f"MB, float32 {total / 1e6:.1f} MB; {os.cpu_count()} CPUs; "
+        f"reduce_sum {total / bw_s / 1e9:.1f} GB/s"
+    )
+    print(
+        f"{'pass':>4} {'M':>3} {'fused ms':>9} {'GB/s':>5} "
+        f"{'f32 ms':>8} {'GB/s':>5} {'f32/fused':>9}"
+    )
+    for transpose in (False, True) if k == n else (False,):
         for m in (int(r) for r in args.rows.split(",")):
             x = tf.constant(rng.standard_normal((m, k)).astype("float32"))
             best = {}
@@ -129,9 +143,12 @@ def main():
                     ms = median_ms(fns[name, transpose], x, args.reps, layers)
                     best[name] = min(best.get(name, ms), ms)
             fu, de = best["fused"], best["f32"]
-            print(f"{'tr' if transpose else 'fwd':>4} {m:>3} {fu:>9.3f} "
-                  f"{nf4_bytes / fu / 1e6:>5.1f} {de:>8.3f} "
-                  f"{f32_bytes / de / 1e6:>5.1f} {de / fu:>9.2f}", flush=True)
+            print(
+                f"{'tr' if transpose else 'fwd':>4} {m:>3} {fu:>9.3f} "
+                f"{nf4_bytes / fu / 1e6:>5.1f} {de:>8.3f} "
+                f"{f32_bytes / de / 1e6:>5.1f} {de / fu:>9.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
