@@ -35,8 +35,7 @@ from the page cache, not from disk. --allocator system (the default, as
 TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1; tf with 0: TF's oneDNN pool, which keeps
 what is freed, so 'RSS after' stays near the peak.
 
-Weights: N(0, 0.02), drawn from a 65536-entry table of the normal's
-quantiles in bfloat16 (~300 M weights/s); norms are ones.
+Weights: N(0, 0.02) (benchmarks/_checkpoints.py writes the checkpoint).
 
 Disk: 0.11 GB (tiny), 2.2 GB (1b), 13.5 GB (7b), printed up front; the run
 refuses when less is free. What it wrote is deleted at the end, also on
@@ -50,21 +49,22 @@ Run: python benchmarks/big_model.py --size {tiny,1b,7b} [--dir DIR]
 import argparse
 import gc
 import json
-import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
+from _checkpoints import Shape
+from _checkpoints import checkpoint_dir
+from _checkpoints import param_counts
+
 # hidden, layers, heads, kv heads, intermediate, vocab, max shard bytes
 SIZES = {
-    "tiny": (512, 8, 8, 4, 1408, 32000, 40 * 10**6),
-    "1b": (2048, 22, 32, 4, 5632, 32000, 2 * 10**9),  # TinyLlama
-    "7b": (4096, 32, 32, 32, 11008, 32000, 2 * 10**9),  # Llama-2-7b
+    "tiny": Shape(512, 8, 8, 4, 1408, 32000, 40 * 10**6),
+    "1b": Shape(2048, 22, 32, 4, 5632, 32000, 2 * 10**9),  # TinyLlama
+    "7b": Shape(4096, 32, 32, 32, 11008, 32000, 2 * 10**9),  # Llama-2-7b
 }
 APPLY_KWARGS = dict(
     target_modules="all-linear",
@@ -77,115 +77,6 @@ NF4_BITS = 4.127
 WARMUP, STEPS, SEQ = 1, 3, 128
 _RESULT = "RESULT "
 GIB = 1024**3
-
-
-# -- the checkpoint (parent process: numpy and safetensors only) ---------------
-
-
-def tensor_shapes(size):
-    """HF names and [out, in] shapes of a Llama checkpoint, in file order."""
-    hidden, layers, heads, kv_heads, inter, vocab, _ = SIZES[size]
-    kv = hidden // heads * kv_heads
-    layer = {
-        "input_layernorm": (hidden,),
-        "self_attn.q_proj": (hidden, hidden),
-        "self_attn.k_proj": (kv, hidden),
-        "self_attn.v_proj": (kv, hidden),
-        "self_attn.o_proj": (hidden, hidden),
-        "post_attention_layernorm": (hidden,),
-        "mlp.gate_proj": (inter, hidden),
-        "mlp.up_proj": (inter, hidden),
-        "mlp.down_proj": (hidden, inter),
-    }
-    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes += [(f"{p}{k}.weight", shape) for k, shape in layer.items()]
-    shapes.append(("model.norm.weight", (hidden,)))
-    return shapes + [("lm_head.weight", (vocab, hidden))]
-
-
-def param_counts(size):
-    """(all parameters, parameters of the linear layers that become NF4)."""
-    shapes = tensor_shapes(size)
-    total = sum(math.prod(shape) for _, shape in shapes)
-    return total, sum(math.prod(s) for name, s in shapes if "_proj." in name)
-
-
-def hf_config(size):
-    """config.json of a `LlamaForCausalLM` of this size."""
-    hidden, layers, heads, kv_heads, inter, vocab, _ = SIZES[size]
-    return dict(
-        architectures=["LlamaForCausalLM"], model_type="llama",
-        hidden_size=hidden, intermediate_size=inter,
-        num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, vocab_size=vocab,
-        max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
-        hidden_act="silu", tie_word_embeddings=False, torch_dtype="bfloat16",
-    )  # fmt: skip
-
-
-def random_bf16(rng, table, shape, chunk=1 << 24):
-    """A bfloat16 array of `shape`: `table` at uniform random indices."""
-    import ml_dtypes
-    import numpy as np
-
-    out = np.empty(shape, ml_dtypes.bfloat16)
-    flat = out.reshape(-1)
-    for start in range(0, flat.size, chunk):
-        n = min(chunk, flat.size - start)
-        raw = rng.bit_generator.random_raw((n + 3) // 4).view(np.uint16)
-        np.take(table, raw[:n], out=flat[start : start + n])
-    return out
-
-
-def plan_shards(size):
-    """The tensors, in order, grouped into shards of at most the max bytes."""
-    shards, nbytes = [[]], 0
-    for name, shape in tensor_shapes(size):
-        if shards[-1] and nbytes + 2 * math.prod(shape) > SIZES[size][-1]:
-            shards.append([])
-            nbytes = 0
-        shards[-1].append((name, shape))
-        nbytes += 2 * math.prod(shape)
-    return shards
-
-
-def write_checkpoint(size, directory, written):
-    """Writes the shards one at a time, appending each path to `written`."""
-    import ml_dtypes
-    import numpy as np
-    import safetensors.numpy
-
-    normal = statistics.NormalDist(0.0, 0.02)
-    quantiles = [normal.inv_cdf((i + 0.5) / 65536) for i in range(65536)]
-    table = np.array(quantiles, np.float32).astype(ml_dtypes.bfloat16)
-    rng = np.random.default_rng(0)
-    shards = plan_shards(size)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name, shape in shard:
-            if name.endswith("norm.weight"):
-                tensors[name] = np.ones(shape, ml_dtypes.bfloat16)
-            else:
-                tensors[name] = random_bf16(rng, table, shape)
-            weight_map[name] = fname
-            total += tensors[name].nbytes
-        written.append(os.path.join(directory, fname))
-        safetensors.numpy.save_file(tensors, written[-1], {"format": "pt"})
-        del tensors
-        gb = os.path.getsize(written[-1]) / 1e9
-        print(f"  wrote {fname} ({gb:.2f} GB)", flush=True)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    for fname, content in (
-        ("model.safetensors.index.json", index),
-        ("config.json", hf_config(size)),
-    ):
-        written.append(os.path.join(directory, fname))
-        with open(written[-1], "w") as f:
-            json.dump(content, f, indent=2)
 
 
 # -- memory readings (child processes) -----------------------------------------
@@ -346,7 +237,7 @@ def run_child(args):
     if args.child != "int4":
         out["nf4"] = weight_bytes(model, "nf4_")
     if args.child == "qlora" and not args.skip_fit:
-        out["fit"] = fit(model, SIZES[args.size][5])
+        out["fit"] = fit(model, SIZES[args.size].vocab)
     return out
 
 
@@ -396,7 +287,7 @@ def _row(label, r=None, weights=None):
 
 def print_table(args, results):
     """The final markdown table: the measured rows and the arithmetic."""
-    total, linear = param_counts(args.size)
+    total, linear = param_counts(SIZES[args.size])
     print(
         f"\nLlama {args.size}: {total / 1e9:.3f} B parameters "
         f"({linear / 1e9:.3f} B in linear layers), bfloat16 HF checkpoint; "
@@ -450,35 +341,13 @@ def main(argv=None):
     if args.child:
         print(_RESULT + json.dumps(run_child(args)), flush=True)
         return
-    need = 2 * param_counts(args.size)[0] + 10**6
-    created = args.dir is None or not os.path.exists(args.dir)
-    args.dir = os.path.abspath(args.dir or tempfile.mkdtemp(prefix="llama_"))
-    print(f"Llama {args.size}: the checkpoint needs {need / 1e9:.2f} GB of "
-          f"disk, in {args.dir}")  # fmt: skip
-    written = []
-    try:
-        os.makedirs(args.dir, exist_ok=True)
-        free = shutil.disk_usage(args.dir).free
-        if free < need * 1.02:
-            sys.exit(f"Not enough disk space in {args.dir}: the checkpoint "
-                     f"needs {need / 1e9:.2f} GB, {free / 1e9:.2f} GB are "
-                     "free. Pass --dir on a larger disk.")  # fmt: skip
-        start = time.perf_counter()
-        write_checkpoint(args.size, args.dir, written)
-        print(f"  written in {time.perf_counter() - start:.0f} s")
+    label = f"Llama {args.size}"
+    with checkpoint_dir(SIZES[args.size], args.dir, args.keep, label) as d:
+        args.dir = d
         children = ["qlora"]
         if args.size != "7b" and not args.skip_compare:
             children += ["apply", "int4"]
         print_table(args, {child: spawn(child, args) for child in children})
-    finally:
-        if args.keep:
-            print(f"checkpoint kept in {args.dir}")
-        elif created:
-            shutil.rmtree(args.dir, ignore_errors=True)
-        else:
-            for path in written:
-                if os.path.exists(path):
-                    os.remove(path)
 
 
 if __name__ == "__main__":
