@@ -1,4 +1,4 @@
-// The NF4 storage format, in ONE place for the CPU kernels (kernels/), the
+// The NF4 storage format (and the FP4 and int8 base formats), in ONE place for the CPU kernels (kernels/), the
 // CUDA kernels (cuda/, also compiled for the device by nvcc) and the CPU
 // stand-ins for CUDA (testing/): code tables, the allowed block sizes, size
 // arithmetic and the double-quantized block scale. Header-only, plain C++
@@ -64,6 +64,47 @@ alignas(64) inline constexpr float kNf4Code[kNf4CodeSize] = {
 
 // Index of the code 0.0 (what padding nibbles hold).
 constexpr int kNf4ZeroIndex = 7;
+
+// The base formats a weight can be stored in (the op's `quant_type`
+// attribute: "nf4", "fp4", "int8"; keras_qlora.quantizers.QUANT_TYPES).
+// nf4 / fp4: 4-bit codes into kNf4Code / kFp4Code, blocks of block_size.
+// int8: one signed byte per element (stored in the uint8 `packed` buffer as
+// its two's complement byte) and one float32 scale per row of W^T (the
+// "block" is a whole row: block_size == K); bitsandbytes' Int8Params /
+// Linear8bitLt layout (CB, SCB), element value Int8Value(code, SCB[row]).
+enum class QuantType : int { kNf4 = 0, kFp4 = 1, kInt8 = 2 };
+
+// bitsandbytes' FP4 values (functional.get_4bit_type("fp4")): 1 sign bit
+// (bit 3), 2 exponent bits, 1 mantissa bit, divided by 12; index i is the
+// 4-bit code i. Not sorted: the quantizers sort it (kFp4SortedCodes).
+alignas(64) inline constexpr float kFp4Code[kNf4CodeSize] = {
+    0x0p+0f, 0x1.555556p-8f, 0x1.555556p-1f, 0x1p+0f,
+    0x1.555556p-2f, 0x1p-1f, 0x1.555556p-3f, 0x1p-2f,
+    0x0p+0f, -0x1.555556p-8f, -0x1.555556p-1f, -0x1p+0f,
+    -0x1.555556p-2f, -0x1p-1f, -0x1.555556p-3f, -0x1p-2f,
+};
+
+// The FP4 codes in increasing order of value (bitsandbytes' argsort of the
+// table: the zero code 0 sorts before the zero code 8). Quantizing rounds
+// to the nearest sorted value (midpoints of neighbours, ties to the lower
+// one) and stores kFp4SortedCodes[position]: 0.0 gets code 0, a tiny
+// positive value code 8, padding nibbles code 0.
+inline constexpr uint8_t kFp4SortedCodes[kNf4CodeSize] = {
+    11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3};
+constexpr int kFp4ZeroIndex = 0;
+
+// The code table of a 4-bit format (host code; device code keeps a copy).
+inline const float* CodeTable(QuantType type) {
+  return type == QuantType::kFp4 ? kFp4Code : kNf4Code;
+}
+
+// The 4-bit code of 0.0 (padding nibbles, zero blocks) of a 4-bit format.
+inline int ZeroIndex(QuantType type) {
+  return type == QuantType::kFp4 ? kFp4ZeroIndex : kNf4ZeroIndex;
+}
+
+// float32(1 / 127) as bitsandbytes writes it (7.874015718698502e-3).
+constexpr float kInt8InvMax = 0x1.020408p-7f;
 
 // bitsandbytes' signed 8-bit dynamic map (keras_qlora.quantizers.codes.
 // dynamic_map(), generated with float(v).hex()).
@@ -140,6 +181,11 @@ KQ_HD int64_t CeilDiv(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 // Bytes of the packed codes of `count` elements.
 KQ_HD int64_t PackedBytes(int64_t count) { return CeilDiv(count, 2); }
 
+// Bytes of the `packed` buffer of `count` elements in format `type`.
+KQ_HD int64_t StorageBytes(QuantType type, int64_t count) {
+  return type == QuantType::kInt8 ? count : PackedBytes(count);
+}
+
 // Number of quantization blocks of `count` elements.
 KQ_HD int64_t NumBlocks(int64_t count, int64_t block_size) {
   return CeilDiv(count, block_size);
@@ -180,6 +226,14 @@ KQ_HD float AddRn(float a, float b) {
 // absmax_scale[b / 256].
 KQ_HD float DoubleQuantScale(float dynamic, float nested, float offset) {
   return AddRn(MulRn(dynamic, nested), offset);
+}
+
+// The value of an int8 element with code `code` in a row whose scale
+// (bitsandbytes' SCB, the row's absmax) is `row_scale`: (code * SCB) / 127
+// as bitsandbytes' int8_vectorwise_dequant computes it, two float32
+// multiplies, never fused.
+KQ_HD float Int8Value(int code, float row_scale) {
+  return MulRn(MulRn(static_cast<float>(code), row_scale), kInt8InvMax);
 }
 
 }  // namespace nf4

@@ -6,6 +6,7 @@
 #define KERAS_QLORA_NF4_MATMUL_ARGS_H_
 
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "nf4_common.h"
@@ -17,6 +18,13 @@ namespace keras_qlora {
 struct Nf4MatmulAttrs {
   int64_t k = 0, n = 0, block_size = 0, count = 0;
   bool transpose = false;
+  nf4::QuantType quant_type = nf4::QuantType::kNf4;
+
+  bool is_int8() const { return quant_type == nf4::QuantType::kInt8; }
+  // The 16-entry code table of a 4-bit format (nullptr for int8).
+  const float* code_table() const {
+    return is_int8() ? nullptr : nf4::CodeTable(quant_type);
+  }
 
   int64_t in_dim() const { return transpose ? n : k; }
   int64_t out_dim() const { return transpose ? k : n; }
@@ -28,10 +36,27 @@ struct Nf4MatmulAttrs {
     TF_RETURN_IF_ERROR(ctx->GetAttr("n", &n));
     TF_RETURN_IF_ERROR(ctx->GetAttr("block_size", &block_size));
     TF_RETURN_IF_ERROR(ctx->GetAttr("transpose", &transpose));
+    std::string type_name;
+    TF_RETURN_IF_ERROR(ctx->GetAttr("quant_type", &type_name));
+    if (type_name == "nf4") {
+      quant_type = nf4::QuantType::kNf4;
+    } else if (type_name == "fp4") {
+      quant_type = nf4::QuantType::kFp4;
+    } else if (type_name == "int8") {
+      quant_type = nf4::QuantType::kInt8;
+    } else {
+      return InvalidArgument("NF4Matmul: quant_type must be one of nf4, fp4, "
+                             "int8. Received: quant_type=", type_name);
+    }
     if (k < 1 || n < 1)
       return InvalidArgument("NF4Matmul: k and n must be >= 1. Received: "
                              "k=", k, ", n=", n);
-    if (!nf4::IsAllowedBlockSize(block_size))
+    if (is_int8() && block_size != k)
+      return InvalidArgument(
+          "NF4Matmul: with quant_type=int8 every row of W^T has one scale, "
+          "so block_size must equal k=", k, ". Received: block_size=",
+          block_size);
+    if (!is_int8() && !nf4::IsAllowedBlockSize(block_size))
       return InvalidArgument("NF4Matmul: " KQ_NF4_BLOCK_SIZE_ERROR,
                              block_size);
     if (!nf4::CheckedMul(k, n, &count))
@@ -69,10 +94,19 @@ struct Nf4MatmulAttrs {
     const ::tensorflow::Tensor& packed = ctx->input(1);
     const ::tensorflow::Tensor& absmax = ctx->input(2);
     const int64_t blocks = nf4::NumBlocks(count, block_size);
-    if (packed.dims() != 1 || packed.NumElements() != nf4::PackedBytes(count))
+    if (is_int8() && std::is_same<AbsT, uint8_t>::value)
       return InvalidArgument(
-          "NF4Matmul: packed must be 1-D with ceil(k * n / 2) = ",
-          nf4::PackedBytes(count), " bytes for k=", k, ", n=", n,
+          "NF4Matmul: quant_type=int8 takes float32 absmax (one scale per "
+          "row of W^T); it has no double quantization. Received: uint8 "
+          "absmax");
+    const int64_t bytes = nf4::StorageBytes(quant_type, count);
+    if (packed.dims() != 1 || packed.NumElements() != bytes)
+      return InvalidArgument(
+          "NF4Matmul: packed must be 1-D with ",
+          is_int8() ? "k * n = " : "ceil(k * n / 2) = ", bytes,
+          " bytes for k=", k, ", n=", n, ", quant_type=",
+          is_int8() ? "int8" : (quant_type == nf4::QuantType::kFp4 ? "fp4"
+                                                                  : "nf4"),
           ". Received shape ", packed.shape().DebugString());
     if (absmax.dims() != 1 || absmax.NumElements() != blocks)
       return InvalidArgument(

@@ -8,7 +8,10 @@
 //   absmax         float [blocks]  or uint8 [blocks] with double quant
 //   absmax_scale   float [ceil(blocks / 256)]  (double quant; else empty)
 //   absmax_offset  float scalar                (double quant; else ignored)
-// with blocks = ceil(K * N / block_size).
+// with blocks = ceil(K * N / block_size). `quant_type` picks the base
+// format (nf4_format.h): "nf4" and "fp4" as above with their code tables;
+// "int8": packed holds K * N signed bytes of W^T, absmax one float32 scale
+// per row of W^T (block_size == K), no double quantization.
 
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
@@ -69,6 +72,7 @@ REGISTER_OP("KerasQLoRA>NF4Matmul")
     .Attr("n: int >= 1")
     .Attr("block_size: int >= 1")
     .Attr("transpose: bool = false")
+    .Attr("quant_type: {'nf4', 'fp4', 'int8'} = 'nf4'")
     .SetShapeFn(Nf4MatmulShape);
 
 // Per-block scales of W^T ([N, K] row-major, given as `weight_t`): the
@@ -79,6 +83,7 @@ REGISTER_OP("KerasQLoRA>NF4BlockScales")
     .Output("scales: float")
     .Attr("block_size: int >= 1")
     .Attr("scale_search: bool = true")
+    .Attr("quant_type: {'nf4', 'fp4'} = 'nf4'")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle w;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &w));
@@ -96,6 +101,7 @@ REGISTER_OP("KerasQLoRA>NF4Encode")
     .Output("packed: uint8")
     .Attr("block_size: int >= 1")
     .Attr("divide_tail: bool = false")
+    .Attr("quant_type: {'nf4', 'fp4'} = 'nf4'")
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle w, s;
       TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &w));
