@@ -34,6 +34,9 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import build as gpu_build  # noqa: E402
+from cases import StateCache  # noqa: E402
+from cases import correctness_cases  # noqa: E402
+from formats import QUANT_TYPES  # noqa: E402
 from nf4_abi import ALGOS  # noqa: E402
 from nf4_abi import CudaNf4  # noqa: E402
 from nf4_abi import Emulator  # noqa: E402
@@ -49,21 +52,6 @@ TORCH_DTYPES = {
 # rounding of the dtype (tensor cores: checked against rounded operands).
 TOLERANCE = {"float32": 2e-6, "bfloat16": 8e-3, "float16": 1e-3}
 MMA_F32_TOLERANCE = 1e-4  # tensor-core fp32 accumulation order
-SHAPES = [
-    (64, 64),
-    (96, 40),
-    (33, 17),
-    (100, 30),
-    (528, 17),
-    (1024, 300),
-    (4096, 48),
-    (256, 200),
-    (2048, 700),
-    (4112, 64),
-    (4096, 4096),
-]
-ROWS = [1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 65, 130, 512]
-BLOCKS = [64, 32, 128, 256]
 TIMING_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 TIMING_ROWS = [1, 8, 32, 128, 512, 2048, 8192]
 EMULATE_MAX_MACS = 4e6
@@ -74,73 +62,7 @@ SIMULATE_MACS = 3e5  # the simulator runs each CUDA thread as an OS thread
 DEVICE = "cuda"
 
 
-# ---------------------------------------------------------------- cases
-
-
-def correctness_cases(quick: bool) -> list:
-    """(m, k, n, block, dq, transpose, dtype, algo, tf32, misaligned)."""
-    cases, i = [], 0
-    for k, n in SHAPES:
-        for algo in ("auto", "reference", "gemv", "mma"):
-            for dtype in TORCH_DTYPES:
-                for transpose in (False, True):
-                    m = ROWS[i % len(ROWS)]
-                    if k * n >= 4096 * 4096 and algo == "reference":
-                        m = min(m, 16)  # the simple kernel is slow
-                    cases.append(
-                        (
-                            m,
-                            k,
-                            n,
-                            BLOCKS[i % len(BLOCKS)],
-                            i % 3 != 2,
-                            transpose,
-                            dtype,
-                            algo,
-                            i % 2 == 0,
-                            i % 17 == 5,
-                        )
-                    )
-                    i += 1
-    # Both regimes at sizes that matter, and M = 0.
-    for m in (1, 4, 16, 128, 512):
-        for transpose in (False, True):
-            cases.append(
-                (
-                    m,
-                    4096,
-                    11008,
-                    64,
-                    True,
-                    transpose,
-                    "bfloat16",
-                    "auto",
-                    True,
-                    False,
-                )
-            )
-    cases.append((0, 64, 64, 64, True, False, "float32", "auto", True, False))
-    return cases[::4] if quick else cases
-
-
-class StateCache:
-    """Quantized random kernels, reused across cases (x is always fresh)."""
-
-    def __init__(self, quantizers):
-        self.q = quantizers
-        self.cache = {}
-
-    def get(self, k, n, block, dq):
-        key = (k, n, block, dq)
-        if key not in self.cache:
-            rng = np.random.default_rng(hash(key) % 2**32)
-            kernel = rng.standard_normal((k, n)).astype(np.float32)
-            state = self.q.quantize_nf4(
-                kernel, block_size=block, double_quant=dq, scale_search=False
-            )
-            w = torch.from_numpy(self.q.dequantize_nf4(state)).to(DEVICE)
-            self.cache[key] = (state, to_device(state, DEVICE), w.double())
-        return self.cache[key]
+# ---------------------------------------------------------------- checks
 
 
 def _tf32(t):
@@ -164,14 +86,14 @@ def reference(x, w64, transpose, dtype, mma):
 
 def run_case(lib, emu, states, sm_count, case):
     """Returns a list of problems (empty: the case passed) and notes."""
-    m, k, n, block, dq, transpose, dtype, algo, tf32, misaligned = case
-    state, dstate, w64 = states.get(k, n, block, dq)
+    m, k, n, block, dq, transpose, dtype, algo, tf32, misaligned, qt = case
+    state, dstate, w64 = states.get(k, n, block, dq, qt)
     red = n if transpose else k
     tdtype = TORCH_DTYPES[dtype]
     base = torch.randn(m * red + 8, device=DEVICE).to(tdtype)
     x = base[1 : 1 + m * red] if misaligned else base[: m * red]
     x = x.view(m, red)
-    plan = lib.plan(m, k, n, tdtype, transpose, algo, tf32, block, sm_count)
+    plan = lib.plan(m, k, n, tdtype, transpose, algo, tf32, block, sm_count, qt)
     problems, notes = [], {}
     try:
         y1 = lib.matmul(x, dstate, transpose, algo, tf32, poison=True)
@@ -230,8 +152,10 @@ def compare_emulator(emu, x, state, transpose, ran, tf32, sm_count, y):
 
 
 def correctness(lib, emu, quantizers, sm_count, cases, log):
-    states = StateCache(quantizers)
-    failures, exact, compared, worst = [], 0, 0, {}
+    states = StateCache(quantizers, DEVICE)
+    failures, worst = [], {}
+    exact = dict.fromkeys(QUANT_TYPES, 0)
+    compared = dict.fromkeys(QUANT_TYPES, 0)
     start = time.perf_counter()
     for case in cases:
         problems, notes = run_case(lib, emu, states, sm_count, case)
@@ -244,18 +168,32 @@ def correctness(lib, emu, quantizers, sm_count, cases, log):
             failures.append("stopped: CUDA error (the context is unusable)")
             break
         if notes.get("emulator") in ("bit-exact", "DIFFERS"):
-            compared += 1
-            exact += notes["emulator"] == "bit-exact"
-        key = (case[6], notes.get("plan", "?").split("/")[0])
-        worst[key] = max(worst.get(key, 0.0), notes.get("err", 0.0))
+            compared[case[10]] += 1
+            exact[case[10]] += notes["emulator"] == "bit-exact"
+        for key in (
+            (case[6], notes.get("plan", "?").split("/")[0]),
+            (case[10], "format"),
+        ):
+            worst[key] = max(worst.get(key, 0.0), notes.get("err", 0.0))
     print(
         f"\n== correctness: {len(cases)} cases in "
         f"{time.perf_counter() - start:.1f} s"
     )
     for (dtype, algo), err in sorted(worst.items()):
-        print(f"   worst error {dtype:9s} {algo:9s} {err:.3g}")
+        if algo != "format":
+            print(f"   worst error {dtype:9s} {algo:9s} {err:.3g}")
+    counts = {t: sum(c[10] == t for c in cases) for t in QUANT_TYPES}
+    for t in QUANT_TYPES:
+        err = worst.get((t, "format"), 0.0)
+        print(f"   format {t:5s} {counts[t]} cases, worst error {err:.3g}")
     if emu is not None:
-        print(f"   emulator bit-exact (gemv/reference): {exact}/{compared}")
+        by_type = ", ".join(
+            f"{t} {exact[t]}/{compared[t]}" for t in QUANT_TYPES
+        )
+        print(
+            "   emulator bit-exact (gemv/reference): "
+            f"{sum(exact.values())}/{sum(compared.values())} ({by_type})"
+        )
     for line in failures[:25]:
         print("   FAIL", line)
     verdict = "PASS" if not failures else f"FAIL ({len(failures)} cases)"

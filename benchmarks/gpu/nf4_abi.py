@@ -1,13 +1,18 @@
 """ctypes bindings of the CUDA NF4 C ABI (custom_ops/cuda/nf4_cuda.h) and of
 its CPU emulator, for torch tensors and numpy arrays. No TensorFlow, no
 Keras; `load_quantizers()` imports keras_qlora.quantizers (numpy only)
-without running keras_qlora/__init__.py, which imports Keras.
+without running keras_qlora/__init__.py, which imports Keras. Every base
+format (nf4 / fp4 / int8, formats.py): the state's `quant_type` goes to the
+C ABI's `quant_type` argument.
 """
 
 import ctypes
 import pathlib
 import sys
 import types
+
+from formats import QUANT_CODES
+from formats import quant_type_of
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ALGOS = {"auto": 0, "reference": 1, "gemv": 2, "mma": 3}
@@ -54,11 +59,11 @@ class CudaNf4:
         self.lib = ctypes.CDLL(str(path))
         lib = self.lib
         lib.kq_nf4_cuda_plan.argtypes = (
-            [_I64] * 3 + [_I] * 6 + [ctypes.POINTER(Plan), ctypes.c_char_p, _I]
+            [_I64] * 3 + [_I] * 7 + [ctypes.POINTER(Plan), ctypes.c_char_p, _I]
         )
         lib.kq_nf4_cuda_workspace_size.argtypes = (
             [_I64] * 3
-            + [_I] * 5
+            + [_I] * 6
             + [_P, ctypes.POINTER(ctypes.c_size_t), ctypes.c_char_p, _I]
         )
         lib.kq_nf4_matmul_cuda.argtypes = [
@@ -73,6 +78,7 @@ class CudaNf4:
             _I64,
             _I64,
             _I64,
+            _I,
             _I,
             _I,
             _I,
@@ -95,6 +101,7 @@ class CudaNf4:
         allow_tf32=True,
         block_size=64,
         sm_count=132,
+        quant_type="nf4",
     ) -> Plan:
         plan, err = Plan(), ctypes.create_string_buffer(512)
         rc = self.lib.kq_nf4_cuda_plan(
@@ -103,6 +110,7 @@ class CudaNf4:
             n,
             dtype_code(dtype),
             block_size,
+            QUANT_CODES[quant_type],
             int(transpose),
             ALGOS[algo],
             int(allow_tf32),
@@ -142,6 +150,7 @@ class CudaNf4:
             n,
             dtype_code(x.dtype),
             state["block_size"],
+            QUANT_CODES[state["quant_type"]],
             int(transpose),
             ALGOS[algo],
             int(allow_tf32),
@@ -175,6 +184,7 @@ class CudaNf4:
             k,
             n,
             state["block_size"],
+            QUANT_CODES[state["quant_type"]],
             int(transpose),
             ALGOS[algo],
             int(allow_tf32),
@@ -190,7 +200,7 @@ class CudaNf4:
 
 
 def to_device(state, device="cuda") -> dict:
-    """An NF4State's arrays as torch tensors on `device`."""
+    """A state's arrays (any base format) as torch tensors on `device`."""
     import numpy as np
     import torch
 
@@ -206,6 +216,7 @@ def to_device(state, device="cuda") -> dict:
     return dict(
         shape=tuple(state.shape),
         block_size=int(state.block_size),
+        quant_type=quant_type_of(state),
         double_quant=dq,
         packed=put(state.packed),
         absmax=put(state.absmax),
@@ -231,6 +242,7 @@ class Emulator:
             _I64,
             _I64,
             _I64,
+            _I,
             _I,
             _I,
             _I,
@@ -275,6 +287,7 @@ class Emulator:
             k,
             n,
             state.block_size,
+            QUANT_CODES[quant_type_of(state)],
             int(transpose),
             ALGOS[algo],
             int(allow_tf32),

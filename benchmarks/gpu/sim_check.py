@@ -5,7 +5,7 @@ by g++ against a host stand-in for CUDA) with every CUDA thread as an OS
 thread and `-fsanitize=thread` or `-fsanitize=address`, then runs a few
 harness cases that cover every kernel (GEMV forward / transposed with
 split-K, the tensor-core kernel in each dtype with split-K, the reference
-kernel) with that sanitizer preloaded:
+kernel) and base format (nf4, fp4, int8) with that sanitizer preloaded:
 
 - thread: a data race on shared memory or on the output / workspace between
   threads that no __syncthreads or warp operation orders (the barriers are
@@ -37,17 +37,21 @@ sys.path.insert(0, str(HERE))
 import build as gpu_build  # noqa: E402
 
 # (m, k, n, block, double quant, transpose, dtype, algo, tf32, misaligned
-# x): the harness's case tuple. SM count 4: these shapes split the
-# reduction (several partial sums and the finalize kernel).
+# x, quant type): the harness's case tuple (cases.py). SM count 4: these
+# shapes split the reduction (several partial sums and the finalize kernel).
 CASES = [
-    (3, 512, 40, 64, True, False, "float32", "gemv", True, False),
-    (2, 128, 1200, 32, False, True, "bfloat16", "gemv", True, False),
-    (4, 96, 24, 128, True, True, "float16", "gemv", True, False),
-    (20, 1024, 136, 64, True, False, "bfloat16", "mma", True, False),
-    (33, 96, 40, 64, False, True, "float16", "mma", True, False),
-    (17, 256, 24, 256, True, False, "float32", "mma", True, True),
-    (2, 33, 17, 64, True, False, "float32", "reference", True, False),
-    (3, 40, 24, 32, True, True, "bfloat16", "reference", True, False),
+    (3, 512, 40, 64, True, False, "float32", "gemv", True, False, "nf4"),
+    (2, 128, 1200, 32, False, True, "bfloat16", "gemv", True, False, "nf4"),
+    (4, 96, 24, 128, True, True, "float16", "gemv", True, False, "nf4"),
+    (20, 1024, 136, 64, True, False, "bfloat16", "mma", True, False, "nf4"),
+    (33, 96, 40, 64, False, True, "float16", "mma", True, False, "nf4"),
+    (17, 256, 24, 256, True, False, "float32", "mma", True, True, "nf4"),
+    (2, 33, 17, 64, True, False, "float32", "reference", True, False, "nf4"),
+    (3, 40, 24, 32, True, True, "bfloat16", "reference", True, False, "nf4"),
+    # fp4 (nf4's kernels, its own table) and int8 (the reference kernel).
+    (3, 512, 40, 64, True, False, "bfloat16", "gemv", True, False, "fp4"),
+    (20, 96, 40, 32, False, True, "float32", "mma", True, False, "fp4"),
+    (5, 70, 24, 70, False, True, "float16", "auto", True, False, "int8"),
 ]
 SANITIZER_OPTIONS = {
     "thread": ("TSAN_OPTIONS", "halt_on_error=1 report_signal_unsafe=0"),
@@ -76,13 +80,14 @@ def runtime_library(sanitizer: str) -> str:
 def run_cases(lib_path: str) -> int:
     """Runs CASES on the simulator library in this process."""
     import harness
+    from cases import StateCache
     from nf4_abi import CudaNf4
     from nf4_abi import load_quantizers
 
     harness.DEVICE = "cpu"
     sm_count = int(os.environ.setdefault("KQ_SIM_SM_COUNT", "4"))
     lib = CudaNf4(lib_path)
-    states = harness.StateCache(load_quantizers())
+    states = StateCache(load_quantizers(), "cpu")
     failures = 0
     for case in CASES:
         start = time.perf_counter()

@@ -41,11 +41,12 @@ int Fail(int code, char* err, int errlen, const char* fmt, ...) {
 }
 
 Problem MakeProblem(int64_t m, int64_t k, int64_t n, int x_dtype,
-                    int block_size, int transpose) {
+                    int block_size, int quant_type, int transpose) {
   Problem p;
   p.m = m, p.k = k, p.n = n;
   p.x_dtype = x_dtype;
   p.block_size = block_size;
+  p.quant_type = quant_type;
   p.transpose = transpose != 0;
   return p;
 }
@@ -120,9 +121,11 @@ extern "C" {
 int kq_nf4_cuda_abi_version(void) { return KQ_NF4_CUDA_ABI_VERSION; }
 
 int kq_nf4_cuda_plan(int64_t m, int64_t k, int64_t n, int x_dtype,
-                     int block_size, int transpose, int algo, int allow_tf32,
-                     int sm_count, KqNf4Plan* plan, char* err, int errlen) {
-  const Problem p = MakeProblem(m, k, n, x_dtype, block_size, transpose);
+                     int block_size, int quant_type, int transpose, int algo,
+                     int allow_tf32, int sm_count, KqNf4Plan* plan, char* err,
+                     int errlen) {
+  const Problem p =
+      MakeProblem(m, k, n, x_dtype, block_size, quant_type, transpose);
   if (!ValidateProblem(p, algo, sm_count, err, errlen))
     return KQ_NF4_ERR_INVALID_ARGUMENT;
   if (plan == nullptr)
@@ -137,10 +140,11 @@ int kq_nf4_cuda_plan(int64_t m, int64_t k, int64_t n, int x_dtype,
 }
 
 int kq_nf4_cuda_workspace_size(int64_t m, int64_t k, int64_t n, int x_dtype,
-                               int block_size, int transpose, int algo,
-                               int allow_tf32, void* stream, size_t* bytes,
-                               char* err, int errlen) {
-  const Problem p = MakeProblem(m, k, n, x_dtype, block_size, transpose);
+                               int block_size, int quant_type, int transpose,
+                               int algo, int allow_tf32, void* stream,
+                               size_t* bytes, char* err, int errlen) {
+  const Problem p =
+      MakeProblem(m, k, n, x_dtype, block_size, quant_type, transpose);
   if (!ValidateProblem(p, algo, 1, err, errlen))
     return KQ_NF4_ERR_INVALID_ARGUMENT;
   if (bytes == nullptr)
@@ -160,16 +164,22 @@ int kq_nf4_matmul_cuda(const void* x, int x_dtype, const uint8_t* packed,
                        const void* absmax, int absmax_is_u8,
                        const float* absmax_scale, const float* absmax_offset,
                        void* y, int64_t m, int64_t k, int64_t n,
-                       int block_size, int transpose, int algo, int allow_tf32,
-                       void* workspace, size_t workspace_bytes, void* stream,
-                       char* err, int errlen) {
-  const Problem p = MakeProblem(m, k, n, x_dtype, block_size, transpose);
+                       int block_size, int quant_type, int transpose, int algo,
+                       int allow_tf32, void* workspace, size_t workspace_bytes,
+                       void* stream, char* err, int errlen) {
+  const Problem p =
+      MakeProblem(m, k, n, x_dtype, block_size, quant_type, transpose);
   if (!ValidateProblem(p, algo, 1, err, errlen))
     return KQ_NF4_ERR_INVALID_ARGUMENT;
   if (m == 0) return KQ_NF4_OK;
   if (x == nullptr || packed == nullptr || absmax == nullptr || y == nullptr)
     return Fail(KQ_NF4_ERR_INVALID_ARGUMENT, err, errlen,
                 "kq_nf4: x, packed, absmax and y must not be NULL");
+  if (absmax_is_u8 && p.int8())
+    return Fail(KQ_NF4_ERR_INVALID_ARGUMENT, err, errlen,
+                "kq_nf4: quant_type=2 (int8) takes float32 absmax (one scale "
+                "per row of W^T) and has no double quantization. Received: "
+                "absmax_is_u8=%d", absmax_is_u8);
   if (absmax_is_u8 && (absmax_scale == nullptr || absmax_offset == nullptr))
     return Fail(KQ_NF4_ERR_INVALID_ARGUMENT, err, errlen,
                 "kq_nf4: with absmax_is_u8 (double quantization), "
@@ -203,8 +213,10 @@ int kq_nf4_matmul_cuda(const void* x, int x_dtype, const uint8_t* packed,
   a.y = y;
   a.workspace = static_cast<float*>(workspace);
   a.m = m, a.k = k, a.n = n;
-  a.block_shift = __builtin_ctz(static_cast<unsigned>(block_size));
+  a.block_shift =
+      p.int8() ? 0 : __builtin_ctz(static_cast<unsigned>(block_size));
   a.x_dtype = x_dtype;
+  a.quant_type = quant_type;
   a.transpose = transpose != 0;
   const cudaError_t status =
       Launch(a, x_vec, sm_count, static_cast<cudaStream_t>(stream));

@@ -27,8 +27,10 @@ namespace nf4_cuda {
 
 // ------------------------------------------------------------ tables
 
-// The NF4 values and bitsandbytes' dynamic map, copied at compile time from
-// the format's tables (nf4_format.h), so both sides use the same bits.
+// The 4-bit formats' code tables (NF4 and FP4, indexed by quant type) and
+// bitsandbytes' dynamic map, copied at compile time from the format's
+// tables (nf4_format.h), so both sides use the same bits. The kernels are
+// the same for every 4-bit format: only the table a block loads differs.
 struct CodeTable {
   float v[nf4::kNf4CodeSize];
 };
@@ -36,9 +38,13 @@ struct DynamicTable {
   float v[nf4::kDynamicMapSize];
 };
 
-constexpr CodeTable MakeCodeTable() {
+constexpr int kNumCodeTables = 2;  // nf4 (0) and fp4 (1)
+
+constexpr CodeTable MakeCodeTable(nf4::QuantType type) {
   CodeTable t{};
-  for (int i = 0; i < nf4::kNf4CodeSize; ++i) t.v[i] = nf4::kNf4Code[i];
+  for (int i = 0; i < nf4::kNf4CodeSize; ++i)
+    t.v[i] = type == nf4::QuantType::kFp4 ? nf4::kFp4Code[i]
+                                          : nf4::kNf4Code[i];
   return t;
 }
 
@@ -49,8 +55,11 @@ constexpr DynamicTable MakeDynamicTable() {
   return t;
 }
 
-// One copy per translation unit (no relocatable device code needed).
-static __device__ const CodeTable kDevCode = MakeCodeTable();
+// One copy per translation unit (no relocatable device code needed). One
+// array indexed by the quant type, so that every table load reads one
+// global symbol (benchmarks/gpu/inspect_ptx.py traces loads to it).
+static __device__ const CodeTable kDevCode[kNumCodeTables] = {
+    MakeCodeTable(nf4::QuantType::kNf4), MakeCodeTable(nf4::QuantType::kFp4)};
 static __device__ const DynamicTable kDevDynamic = MakeDynamicTable();
 
 // Per-block shared copies: lanes look codes up with divergent indices,
@@ -61,11 +70,15 @@ struct SharedTables {
   float dynamic[nf4::kDynamicMapSize];
 };
 
-// Fills `t` (the caller synchronizes before use).
-__device__ __forceinline__ void LoadTables(SharedTables* t, bool dq) {
+// Fills `t` with the code table of a's format (and the dynamic map with
+// double quant); the caller synchronizes before use. int8 reads no table
+// (its element values need none); it loads the NF4 one, unused.
+__device__ __forceinline__ void LoadTables(SharedTables* t,
+                                           const Nf4Args& a) {
+  const int table = a.quant_type == KQ_NF4_QUANT_FP4 ? 1 : 0;
   for (int i = threadIdx.x; i < nf4::kNf4CodeSize; i += blockDim.x)
-    t->code[i] = kDevCode.v[i];
-  if (!dq) return;
+    t->code[i] = kDevCode[table].v[i];
+  if (a.absmax_u8 == nullptr) return;
   for (int i = threadIdx.x; i < nf4::kDynamicMapSize; i += blockDim.x)
     t->dynamic[i] = kDevDynamic.v[i];
 }
@@ -82,6 +95,14 @@ __device__ __forceinline__ float LoadScale(const Nf4Args& a, int64_t block,
 
 __device__ __forceinline__ float LoadOffset(const Nf4Args& a) {
   return a.absmax_u8 != nullptr ? __ldg(a.offset) : 0.0f;
+}
+
+// W^T[n, k] of an int8 weight (`flat` = n * K + k): its byte as a signed
+// code times the row's scale, nf4::Int8Value (two unfused multiplies).
+__device__ __forceinline__ float LoadInt8Weight(const Nf4Args& a,
+                                                int64_t flat, int64_t n) {
+  const int code = static_cast<int8_t>(__ldg(a.packed + flat));
+  return nf4::Int8Value(code, __ldg(a.absmax_f32 + n));
 }
 
 // ------------------------------------------------------------ dtypes

@@ -39,7 +39,7 @@ template <typename T, int MR, int R>
 __global__ void __launch_bounds__(kGemvForwardWarps * 32)
     GemvForwardKernel(Nf4Args a, int64_t row_blocks) {
   __shared__ SharedTables tables;
-  LoadTables(&tables, a.absmax_u8 != nullptr);
+  LoadTables(&tables, a);
   __syncthreads();
   const float offset = LoadOffset(a);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kGemvTransposeWarps * 32)
   __shared__ SharedTables tables;
   // [row of x][code of the lane's unit][lane]: conflict-free per warp.
   __shared__ float partial[MR][kGemvUnit][32];
-  LoadTables(&tables, a.absmax_u8 != nullptr);
+  LoadTables(&tables, a);
   __syncthreads();
   const float offset = LoadOffset(a);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

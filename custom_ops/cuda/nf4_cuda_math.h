@@ -35,11 +35,13 @@ struct Nf4Args {
   void* y = nullptr;
   float* workspace = nullptr;  // [splits, m, out] partial sums
   int64_t m = 0, k = 0, n = 0;
-  int block_shift = 6;
+  int block_shift = 6;  // log2(block_size); unused by int8
   int x_dtype = KQ_NF4_F32;
+  int quant_type = KQ_NF4_QUANT_NF4;  // the table 4-bit kernels decode with
   bool transpose = false;
   Plan plan;
 
+  KQ_HD bool int8() const { return quant_type == KQ_NF4_QUANT_INT8; }
   KQ_HD int64_t red() const { return transpose ? n : k; }
   KQ_HD int64_t out() const { return transpose ? k : n; }
 };

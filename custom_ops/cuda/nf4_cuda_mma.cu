@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   __shared__ SharedTables tables;
   __shared__ __align__(16) Bits as[2][C::kBM * C::kStride];
   __shared__ __align__(16) Bits bs[2][C::kBN * C::kStride];
-  LoadTables(&tables, a.absmax_u8 != nullptr);
+  LoadTables(&tables, a);
   __syncthreads();
   const float offset = LoadOffset(a);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

@@ -12,6 +12,15 @@
 //   as the activations' 16-bit type (TF32 for float32) and fed to mma.sync
 //   with fp32 accumulation; split-K when there are too few output tiles.
 // - REFERENCE: one warp per output element, any shape or alignment.
+//
+// Base formats (`quant_type`, nf4_format.h): nf4 and fp4 run every kernel
+// above, which differ only in the 16-entry code table each block copies
+// into shared memory (nf4_cuda_device.cuh, LoadTables). int8 (one byte per
+// element, one float32 scale per W^T row, block_size == K for any K >= 1)
+// runs the REFERENCE kernel for every dtype, product and M, forced algos
+// included: the GEMV and MMA kernels decode 4-bit units (8 or 16 bytes of
+// 16 or 32 codes within one power-of-two block) and do not read int8.
+// Correct everywhere, not fast; int8 GEMV / MMA variants are future work.
 
 #ifndef KERAS_QLORA_CUSTOM_OPS_CUDA_NF4_CUDA_PLAN_H_
 #define KERAS_QLORA_CUSTOM_OPS_CUDA_NF4_CUDA_PLAN_H_
@@ -28,6 +37,11 @@ namespace nf4_cuda {
 // The format's helpers (nf4_format.h, shared with the CPU kernels).
 using nf4::CeilDiv;
 using nf4::IsAllowedBlockSize;
+
+static_assert(KQ_NF4_QUANT_NF4 == static_cast<int>(nf4::QuantType::kNf4) &&
+                  KQ_NF4_QUANT_FP4 == static_cast<int>(nf4::QuantType::kFp4) &&
+                  KQ_NF4_QUANT_INT8 == static_cast<int>(nf4::QuantType::kInt8),
+              "the C ABI's quant types must be nf4::QuantType's values");
 
 // AUTO uses GEMV up to these M (the weight is decoded once per pass of this
 // many rows of x; beyond them the tensor-core kernel amortizes decoding over
@@ -85,8 +99,10 @@ struct Problem {
   int64_t m = 0, k = 0, n = 0;
   int x_dtype = KQ_NF4_F32;
   int block_size = 64;
+  int quant_type = KQ_NF4_QUANT_NF4;
   bool transpose = false;
 
+  bool int8() const { return quant_type == KQ_NF4_QUANT_INT8; }
   int64_t red() const { return transpose ? n : k; }  // reduction length
   int64_t out() const { return transpose ? k : n; }  // output columns
 };
@@ -200,7 +216,19 @@ inline bool ValidateProblem(const Problem& p, int algo, int sm_count,
                   "x_dtype must be 0 (float32), 1 (bfloat16) or 2 "
                   "(float16). Received: x_dtype=%d", p.x_dtype);
     what = buf;
-  } else if (!IsAllowedBlockSize(p.block_size)) {
+  } else if (p.quant_type < KQ_NF4_QUANT_NF4 ||
+             p.quant_type > KQ_NF4_QUANT_INT8) {
+    std::snprintf(buf, sizeof(buf),
+                  "quant_type must be 0 (nf4), 1 (fp4) or 2 (int8). "
+                  "Received: quant_type=%d", p.quant_type);
+    what = buf;
+  } else if (p.int8() && p.block_size != p.k) {
+    std::snprintf(buf, sizeof(buf),
+                  "with quant_type=2 (int8) every row of W^T has one scale, "
+                  "so block_size must equal k=%lld. Received: block_size=%d",
+                  static_cast<long long>(p.k), p.block_size);
+    what = buf;
+  } else if (!p.int8() && !IsAllowedBlockSize(p.block_size)) {
     std::snprintf(buf, sizeof(buf), KQ_NF4_BLOCK_SIZE_ERROR "%d",
                   p.block_size);
     what = buf;
@@ -221,12 +249,13 @@ inline bool ValidateProblem(const Problem& p, int algo, int sm_count,
 }
 
 // The plan for a validated problem. A forced fast kernel whose shape
-// preconditions fail becomes REFERENCE; float32 without allow_tf32 never
-// uses tensor cores (MMA becomes GEMV).
+// preconditions fail becomes REFERENCE, as does every int8 problem (see
+// the top of this file); float32 without allow_tf32 never uses tensor
+// cores (MMA becomes GEMV).
 inline Plan MakePlan(const Problem& p, int algo, bool allow_tf32,
                      int sm_count) {
   Plan plan;
-  if (p.m == 0) return plan;
+  if (p.m == 0 || p.int8()) return plan;
   const bool exact_f32 = p.x_dtype == KQ_NF4_F32 && !allow_tf32;
   if (algo == KQ_NF4_ALGO_AUTO) {
     const int64_t gemv_rows =

@@ -1,6 +1,7 @@
 // The simple CUDA NF4 kernels: the reference matmul (one warp per output
-// element, any shape and alignment; the fallback of the fast kernels and an
-// oracle of the GPU harness) and the split-K finalize step.
+// element, any shape, alignment and base format; the fallback of the fast
+// kernels, the kernel of every int8 problem and an oracle of the GPU
+// harness) and the split-K finalize step.
 
 #include <algorithm>
 
@@ -15,13 +16,15 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
 // y[row, o] = sum_r x[row, r] * W(r, o), W(r, o) = code * scale rounded to
-// float32 exactly as the CPU kernels compute it. Lanes stride over r, so
+// float32 exactly as the CPU kernels compute it (4-bit formats: the
+// block's table value times its scale; int8: nf4::Int8Value of the byte
+// and the row's scale). Lanes stride over r, so
 // the forward product reads each W^T row coalesced; the transposed one
 // reads a column (slow, but this kernel is about being right).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) ReferenceKernel(Nf4Args a) {
   __shared__ SharedTables tables;
-  LoadTables(&tables, a.absmax_u8 != nullptr);
+  LoadTables(&tables, a);
   __syncthreads();
   const float offset = LoadOffset(a);
   const T* x = static_cast<const T*>(a.x);
@@ -35,12 +38,18 @@ __global__ void __launch_bounds__(kThreads) ReferenceKernel(Nf4Args a) {
     const int64_t row = w / out, o = w % out;
     float acc = 0.0f;
     for (int64_t r = lane; r < red; r += 32) {
-      const int64_t flat =
-          a.transpose ? FlatIndex(r, o, a.k) : FlatIndex(o, r, a.k);
-      const uint8_t byte = __ldg(a.packed + (flat >> 1));
-      const int code = (flat & 1) ? (byte & 15) : (byte >> 4);
-      const float scale = LoadScale(a, flat >> a.block_shift, tables, offset);
-      const float weight = MulRn(tables.code[code], scale);
+      const int64_t n = a.transpose ? r : o;  // the W^T row
+      const int64_t flat = FlatIndex(n, a.transpose ? o : r, a.k);
+      float weight;
+      if (a.int8()) {
+        weight = LoadInt8Weight(a, flat, n);
+      } else {
+        const uint8_t byte = __ldg(a.packed + (flat >> 1));
+        const int code = (flat & 1) ? (byte & 15) : (byte >> 4);
+        const float scale =
+            LoadScale(a, flat >> a.block_shift, tables, offset);
+        weight = MulRn(tables.code[code], scale);
+      }
       acc = fmaf(Act<T>::ToFloat(x[row * red + r]), weight, acc);
     }
     acc = WarpSum(acc);

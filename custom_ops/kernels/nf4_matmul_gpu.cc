@@ -6,6 +6,9 @@
 // runtime (see keras_qlora/ops/_library.py). Compiled to nothing unless the
 // build defines GOOGLE_CUDA=1 (nvcc found).
 //
+// The op's quant_type (nf4 / fp4 / int8) goes to the C ABI as is; its
+// checks (int8: block_size == k, float32 absmax) are Nf4MatmulAttrs'.
+//
 // float32 inputs use TF32 tensor cores for large M exactly when TensorFlow
 // allows TF32 for its own float32 matmuls
 // (tf.config.experimental.enable_tensor_float_32_execution); otherwise they
@@ -13,6 +16,7 @@
 
 #if GOOGLE_CUDA
 
+#include <cstdint>
 #include <string>
 #include <type_traits>
 
@@ -51,6 +55,17 @@ Status AbiStatus(int rc, const char* message) {
   return ::tensorflow::errors::Internal(text);
 }
 
+// The C ABI's quant type (KQ_NF4_QUANT_*, nf4::QuantType's values).
+int QuantTypeArg(const Nf4MatmulAttrs& a) {
+  return static_cast<int>(a.quant_type);
+}
+
+// block_size as the C ABI's int: int8's block_size is k, which can exceed
+// an int; the ABI then rejects it (block_size != k) with a message.
+int BlockSizeArg(const Nf4MatmulAttrs& a) {
+  return a.block_size <= INT32_MAX ? static_cast<int>(a.block_size) : -1;
+}
+
 template <typename T, typename AbsT>
 class Nf4MatmulGpuOp : public OpKernel {
  public:
@@ -74,7 +89,8 @@ class Nf4MatmulGpuOp : public OpKernel {
     const Nf4MatmulAttrs& a = attrs_;
     OP_REQUIRES_OK(ctx, AbiStatus(kq_nf4_cuda_workspace_size(
                                       m, a.k, a.n, DtypeCode<T>(),
-                                      a.block_size, a.transpose,
+                                      BlockSizeArg(a), QuantTypeArg(a),
+                                      a.transpose,
                                       KQ_NF4_ALGO_AUTO, allow_tf32, stream,
                                       &ws_bytes, err, sizeof(err)),
                                   err));
@@ -95,7 +111,8 @@ class Nf4MatmulGpuOp : public OpKernel {
         ctx->input(2).flat<AbsT>().data(), double_quant ? 1 : 0,
         double_quant ? scale.flat<float>().data() : nullptr,
         double_quant ? offset.flat<float>().data() : nullptr,
-        y->flat<T>().data(), m, a.k, a.n, a.block_size, a.transpose,
+        y->flat<T>().data(), m, a.k, a.n, BlockSizeArg(a), QuantTypeArg(a),
+        a.transpose,
         KQ_NF4_ALGO_AUTO, allow_tf32, ws, ws_bytes, stream, err, sizeof(err));
     OP_REQUIRES_OK(ctx, AbiStatus(rc, err));
   }

@@ -41,12 +41,16 @@ void Reference(Env& env) {
       float acc[32] = {};
       for (int lane = 0; lane < 32; ++lane) {
         for (int64_t r = lane; r < red; r += 32) {
-          const int64_t flat =
-              a.transpose ? FlatIndex(r, o, a.k) : FlatIndex(o, r, a.k);
-          const uint8_t byte = env.packed[flat >> 1];
-          const int code = (flat & 1) ? (byte & 15) : (byte >> 4);
-          const float w =
-              MulRn(nf4::kNf4Code[code], env.Scale(flat >> a.block_shift));
+          const int64_t n = a.transpose ? r : o;  // the W^T row
+          const int64_t flat = FlatIndex(n, a.transpose ? o : r, a.k);
+          float w;
+          if (a.int8()) {
+            w = env.Int8Weight(flat, n);
+          } else {
+            const uint8_t byte = env.packed[flat >> 1];
+            const int code = (flat & 1) ? (byte & 15) : (byte >> 4);
+            w = MulRn(env.code[code], env.Scale(flat >> a.block_shift));
+          }
           acc[lane] = std::fma(env.XValue(row * red + r), w, acc[lane]);
         }
       }
@@ -94,7 +98,7 @@ void GemvForward(Env& env) {
               }
               for (int e = 0; e < 8; ++e)
                 for (int r = 0; r < rpw; ++r) {
-                  const float code = nf4::kNf4Code[CodeOf(w[r][p], e)];
+                  const float code = env.code[CodeOf(w[r][p], e)];
                   for (int i = 0; i < mr; ++i)
                     dot[r][i] = std::fma(code, xv[i][e], dot[r][i]);
                 }
@@ -149,7 +153,7 @@ void GemvTranspose(Env& env) {
               }
               for (int e = 0; e < kGemvUnit; ++e) {
                 const float code =
-                    nf4::kNf4Code[CodeOf(e < 8 ? w[0] : w[1], e & 7)];
+                    env.code[CodeOf(e < 8 ? w[0] : w[1], e & 7)];
                 for (int i = 0; i < mr; ++i)
                   acc[i][e] = std::fma(xs[i], code, acc[i][e]);
               }
@@ -208,18 +212,21 @@ extern "C" {
 __attribute__((visibility("default"))) int kq_nf4_emulate(
     const void* x, int x_dtype, const uint8_t* packed, const void* absmax,
     int absmax_is_u8, const float* absmax_scale, const float* absmax_offset,
-    void* y, int64_t m, int64_t k, int64_t n, int block_size, int transpose,
-    int algo, int allow_tf32, int sm_count, KqNf4Plan* ran, char* err,
-    int errlen) {
+    void* y, int64_t m, int64_t k, int64_t n, int block_size, int quant_type,
+    int transpose, int algo, int allow_tf32, int sm_count, KqNf4Plan* ran,
+    char* err, int errlen) {
   using namespace keras_qlora::nf4_cuda;  // NOLINT(build/namespaces)
   using namespace keras_qlora::nf4_cuda::emulator;  // NOLINT
   Problem p;
   p.m = m, p.k = k, p.n = n;
   p.x_dtype = x_dtype;
   p.block_size = block_size;
+  p.quant_type = quant_type;
   p.transpose = transpose != 0;
   if (!ValidateProblem(p, algo, sm_count, err, errlen))
     return KQ_NF4_ERR_INVALID_ARGUMENT;
+  if (absmax_is_u8 && p.int8())
+    return Fail(err, errlen, "kq_nf4_emulate: int8 has no double quant");
   Env env;
   bool x_vec = false;
   env.a.plan =
@@ -234,12 +241,17 @@ __attribute__((visibility("default"))) int kq_nf4_emulate(
   if (m == 0) return KQ_NF4_OK;
   const int64_t count = k * n, blocks = CeilDiv(count, block_size);
   env.a.m = m, env.a.k = k, env.a.n = n;
-  env.a.block_shift = __builtin_ctz(static_cast<unsigned>(block_size));
+  env.a.block_shift =
+      p.int8() ? 0 : __builtin_ctz(static_cast<unsigned>(block_size));
   env.a.x_dtype = x_dtype;
+  env.a.quant_type = quant_type;
+  const auto type = static_cast<keras_qlora::nf4::QuantType>(quant_type);
+  env.code = keras_qlora::nf4::CodeTable(type);
   env.a.transpose = p.transpose;
   env.x32 = {static_cast<const uint32_t*>(x), m * p.red(), "x"};
   env.x16 = {static_cast<const uint16_t*>(x), m * p.red(), "x"};
-  env.packed = {packed, keras_qlora::nf4::PackedBytes(count), "packed"};
+  env.packed = {packed, keras_qlora::nf4::StorageBytes(type, count),
+                "packed"};
   if (absmax_is_u8) {
     env.absmax_u8 = {static_cast<const uint8_t*>(absmax), blocks, "absmax"};
     env.nested = {absmax_scale, keras_qlora::nf4::NumNestedBlocks(blocks),

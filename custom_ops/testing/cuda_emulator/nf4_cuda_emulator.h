@@ -92,6 +92,9 @@ struct Env {
   Buffer<uint8_t> absmax_u8;
   Buffer<float> nested;
   float offset = 0.0f;
+  // The 4-bit format's code table (nf4::CodeTable), the host twin of the
+  // table the kernels copy into shared memory.
+  const float* code = nf4::kNf4Code;
   void* y = nullptr;
   std::vector<float> workspace;
 
@@ -119,6 +122,12 @@ struct Env {
     if (a.absmax_u8 == nullptr) return absmax_f32[block];
     return DoubleQuantScale(nf4::kDynamicMap[absmax_u8[block]],
                             nested[block >> nf4::kNestedBlockShift], offset);
+  }
+
+  // W^T[n, k] of an int8 weight (flat = n * K + k): LoadInt8Weight.
+  float Int8Weight(int64_t flat, int64_t n) const {
+    const int code = static_cast<int8_t>(packed[flat]);
+    return nf4::Int8Value(code, absmax_f32[n]);
   }
 
   void Store(int split, int64_t row, int64_t col, float v) {

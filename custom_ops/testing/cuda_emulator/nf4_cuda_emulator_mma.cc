@@ -234,7 +234,7 @@ class MmaBlock {
         const uint32_t word = e < 8 ? s.w[it][0] : s.w[it][1];
         const Bits v = static_cast<Bits>(OperandFromFloat(
             a_.x_dtype,
-            MulRn(nf4::kNf4Code[CodeOf(word, e & 7)], s.scale[it])));
+            MulRn(env_.code[CodeOf(word, e & 7)], s.scale[it])));
         if (a_.transpose) {
           int j, u;
           WItemTransposed<C>(i, &j, &u);
