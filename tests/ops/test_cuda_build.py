@@ -10,11 +10,14 @@
 - Kernels: the CPU emulator (custom_ops/testing/cuda_emulator/, g++) runs the
   GEMV, MMA and reference kernels' algorithms through the kernels' own plan,
   index, decode and fragment helpers, and is compared with a float64
-  reference. What it cannot show (races, the hardware itself) is listed in
-  its header; the GPU harness (benchmarks/gpu/) covers that on a GPU.
+  reference, for every base format (nf4, fp4, int8; the states are built
+  by benchmarks/gpu/formats.py). What it cannot show (races, the hardware
+  itself) is listed in its header; the GPU harness (benchmarks/gpu/) covers
+  that on a GPU.
 """
 
 import ctypes
+import importlib.util
 import os
 import pathlib
 import re
@@ -25,12 +28,18 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from keras_qlora import quantizers
 from keras_qlora.ops import build
 from keras_qlora.ops import loader
 from keras_qlora.quantizers import dequantize_nf4
 from keras_qlora.quantizers import quantize_nf4
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+_SPEC = importlib.util.spec_from_file_location(
+    "kq_gpu_formats", REPO / "benchmarks" / "gpu" / "formats.py"
+)
+formats = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(formats)
 CUDA_DIR = build.source_dir() / "cuda"
 EMULATOR_DIR = build.source_dir() / "testing" / "cuda_emulator"
 ABI_FUNCTIONS = {
@@ -46,6 +55,7 @@ DTYPES = {
     "float16": (2, np.float16),
 }
 H100_SMS = 132
+QUANT = formats.QUANT_CODES  # nf4 0, fp4 1, int8 2
 
 
 class Plan(ctypes.Structure):
@@ -99,7 +109,7 @@ def abi(op_library_path, tmp_path_factory):
     lib = ctypes.CDLL(str(out))
     lib.kq_nf4_cuda_plan.argtypes = (
         [ctypes.c_int64] * 3
-        + [ctypes.c_int] * 6
+        + [ctypes.c_int] * 7
         + [ctypes.POINTER(Plan), ctypes.c_char_p, ctypes.c_int]
     )
     p = ctypes.c_void_p
@@ -115,6 +125,7 @@ def abi(op_library_path, tmp_path_factory):
         ctypes.c_int64,
         ctypes.c_int64,
         ctypes.c_int64,
+        ctypes.c_int,
         ctypes.c_int,
         ctypes.c_int,
         ctypes.c_int,
@@ -161,6 +172,7 @@ def emulator(tmp_path_factory):
         ctypes.c_int64,
         ctypes.c_int64,
         ctypes.c_int64,
+        ctypes.c_int,
         ctypes.c_int,
         ctypes.c_int,
         ctypes.c_int,
@@ -237,6 +249,7 @@ def _plan(
     tf32=1,
     block=64,
     sms=H100_SMS,
+    quant="nf4",
 ):
     plan, err = Plan(), ctypes.create_string_buffer(512)
     rc = lib.kq_nf4_cuda_plan(
@@ -245,6 +258,7 @@ def _plan(
         n,
         DTYPES[dtype][0],
         block,
+        QUANT.get(quant, quant),
         transpose,
         algo,
         tf32,
@@ -313,17 +327,17 @@ def test_plan_rejects_bad_dtype_and_sizes(abi):
     lib = abi[0]
     plan, err = Plan(), ctypes.create_string_buffer(512)
     rc = lib.kq_nf4_cuda_plan(
-        4, 64, 64, 7, 64, 0, 0, 1, 132, ctypes.byref(plan), err, 512
+        4, 64, 64, 7, 64, 0, 0, 0, 1, 132, ctypes.byref(plan), err, 512
     )
     assert rc == 1 and b"Received: x_dtype=7" in err.value
     rc = lib.kq_nf4_cuda_plan(
-        4, 0, 64, 0, 64, 0, 0, 1, 132, ctypes.byref(plan), err, 512
+        4, 0, 64, 0, 64, 0, 0, 0, 1, 132, ctypes.byref(plan), err, 512
     )
     assert rc == 1 and b"Received: m=4, k=0, n=64" in err.value
 
 
 def _matmul_args(
-    x=1, packed=1, absmax=1, u8=0, scale=None, offset=None, y=1, m=2
+    x=1, packed=1, absmax=1, u8=0, scale=None, offset=None, y=1, m=2, quant=0
 ):
     # Non-NULL dummy pointers: validation must fail before any use.
     return [
@@ -339,6 +353,7 @@ def _matmul_args(
         64,
         64,
         64,
+        quant,
         0,
         0,
         1,
@@ -358,6 +373,13 @@ def test_matmul_validates_before_touching_a_device(abi):
         err.value
     )
     assert lib.kq_nf4_matmul_cuda(*_matmul_args(m=0), err, 512) == 0
+    # int8 (block_size == k == 64 here) has float32 row scales only.
+    rc = lib.kq_nf4_matmul_cuda(
+        *_matmul_args(u8=1, scale=1, offset=1, quant=2), err, 512
+    )
+    assert rc == 1 and b"quant_type=2 (int8) takes float32 absmax" in (
+        err.value
+    )
 
 
 @pytest.mark.skipif(
@@ -395,13 +417,15 @@ def _emulate(
     tf32=1,
     misalign_x=False,
     seed=0,
+    quant="nf4",
 ):
-    """Runs the emulator; returns (plan, y as float64, float64 reference)."""
+    """Runs the emulator; returns (plan, y as float64, float64 reference).
+    int8 states have block_size == k (`block` is ignored) and no double
+    quant (`dq` is ignored)."""
     rng = np.random.default_rng(seed)
     kernel = rng.standard_normal((k, n)).astype(np.float32)
-    state = quantize_nf4(
-        kernel, block_size=block, double_quant=dq, scale_search=False
-    )
+    state = formats.make_state(quantizers, kernel, quant, block, dq)
+    block, dq = state.block_size, state.absmax_scale is not None
     code, np_dtype = DTYPES[dtype]
     red, out = (n, k) if transpose else (k, n)
     storage = rng.standard_normal(m * red + 8).astype(np_dtype)
@@ -424,6 +448,7 @@ def _emulate(
         k,
         n,
         block,
+        QUANT[quant],
         int(transpose),
         algo,
         tf32,
@@ -433,7 +458,7 @@ def _emulate(
         512,
     )
     assert rc == 0, err.value.decode()
-    w = dequantize_nf4(state).astype(np.float64)
+    w = formats.dequantize(quantizers, state).astype(np.float64)
     w = w.T if transpose else w
     xd = x.reshape(m, red).astype(np.float64)
     if plan.algo == MMA and dtype == "float32":

@@ -5,15 +5,17 @@ stand-in for CUDA (blocks, __syncthreads, warp shuffles, mma.sync from the
 PTX ISA fragment tables). These tests run, through the C ABI:
 
 - the GPU harness's correctness part (`harness.py --simulate`: every kernel,
-  dtype, both products, split-K, misaligned x; float64 reference, NaN
-  poisoned outputs, a second run with the blocks and threads in reverse
-  order, and the CPU emulator, which must match the GEMV and reference
-  kernels bit for bit);
+  dtype, both products, split-K, misaligned x, every base format (nf4;
+  fp4, nf4's kernels with its own table; int8, K not a power of two, on
+  the reference kernel); float64 reference, NaN poisoned outputs, a second
+  run with the blocks and threads in reverse order, and the CPU emulator,
+  which must match the GEMV and reference kernels bit for bit);
 - a few cases under ThreadSanitizer (every CUDA thread an OS thread) and
   AddressSanitizer (`sim_check.py`);
 - broken copies of the kernels, to show that each of those checks catches
   what it is for: a missing __syncthreads, a wrong mma fragment index, an
-  out-of-bounds read and a divergent barrier.
+  out-of-bounds read, a divergent barrier, the NF4 table used for fp4 and
+  int8 bytes read as unsigned.
 
 The sanitizer tests skip when g++ lacks its sanitizer runtimes, unless
 KERAS_QLORA_REQUIRE_SANITIZERS=1 (CI sets it; then they fail).
@@ -31,6 +33,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[2]
 GPU_DIR = REPO / "benchmarks" / "gpu"
 SOURCES = REPO / "custom_ops"
+SIM_CHECK_CASES = 11  # len(benchmarks/gpu/sim_check.py CASES)
 
 
 def _gxx():
@@ -110,6 +113,13 @@ def test_harness_correctness_passes_on_the_simulated_kernels(tmp_path):
             assert re.search(rf"worst error {dtype}\s+{algo}\s", out), (
                 f"no {dtype} {algo} case ran\n{out[-3000:]}"
             )
+    # Every base format ran, and matched the emulator bit for bit.
+    for quant_type, at_least in (("nf4", 60), ("fp4", 40), ("int8", 40)):
+        cases = re.search(rf"format {quant_type}\s+(\d+) cases", out)
+        assert cases and int(cases.group(1)) >= at_least, out[-3000:]
+        same = re.search(rf"{quant_type} (\d+)/(\d+)[,)]", out)
+        assert same and same.group(1) == same.group(2), out[-3000:]
+        assert int(same.group(2)) >= at_least // 2, out[-3000:]
 
 
 @pytest.mark.parametrize("sanitizer", ["thread", "address"])
@@ -119,7 +129,7 @@ def test_sanitizers_find_nothing_in_the_kernels(tmp_path, sanitizer):
     assert rc == 0, out[-4000:]
     assert "SIM CHECK: PASS" in out
     assert "Sanitizer" not in out, out[-4000:]
-    assert out.count(" ok (") == 8, out[-4000:]
+    assert out.count(" ok (") == SIM_CHECK_CASES, out[-4000:]
 
 
 # ---------------------------------------------------------------- the checks
@@ -205,3 +215,37 @@ def test_a_divergent_barrier_is_reported_not_hung(tmp_path):
     assert rc != 0, out[-3000:]
     assert "kqsim: deadlock in block" in out, out[-3000:]
     assert "__syncthreads" in out, out[-3000:]
+
+
+def test_fp4_read_with_the_nf4_table_is_caught(tmp_path):
+    """fp4 runs nf4's kernels with its own code table; a block that loads
+    the NF4 table instead gives wrong fp4 products and right nf4 ones."""
+    cuda_dir = _broken_copy(
+        tmp_path,
+        "nf4_cuda_device.cuh",
+        "a.quant_type == KQ_NF4_QUANT_FP4 ? 1 : 0;",
+        "a.quant_type == KQ_NF4_QUANT_FP4 ? 0 : 0;",
+    )
+    rc, out = _sim_check(tmp_path, "none", cuda_dir)
+    assert rc != 0 and "SIM CHECK: FAIL" in out, out[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("(")]
+    fp4 = [line for line in lines if "'fp4')" in line]
+    assert fp4 and all("error " in line for line in fp4), out[-3000:]
+    assert all(" ok (" in line for line in lines if "'fp4')" not in line)
+
+
+def test_int8_read_as_unsigned_is_caught(tmp_path):
+    """int8 codes are two's complement bytes: read as uint8, every negative
+    weight becomes a large positive one."""
+    cuda_dir = _broken_copy(
+        tmp_path,
+        "nf4_cuda_device.cuh",
+        "static_cast<int8_t>(__ldg(a.packed + flat))",
+        "static_cast<uint8_t>(__ldg(a.packed + flat))",
+    )
+    rc, out = _sim_check(tmp_path, "none", cuda_dir)
+    assert rc != 0 and "SIM CHECK: FAIL" in out, out[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("(")]
+    int8 = [line for line in lines if "'int8')" in line]
+    assert int8 and all("error " in line for line in int8), out[-3000:]
+    assert all(" ok (" in line for line in lines if "'int8')" not in line)
