@@ -109,8 +109,7 @@ def summary(model, print_fn=print) -> str:
     total, trainable = info["total_params"], info["trainable_params"]
     formats = _formats(info["layers"])
     rows += [
-        f"Replaced layers: {len(info['layers'])} {formats} ({lora} with "
-        "LoRA)",
+        f"Replaced layers: {len(info['layers'])} {formats} ({lora} with LoRA)",
         f"Trainable params: {trainable:,} of {total:,} "
         f"({100.0 * trainable / max(total, 1):.3f}%)",
     ]
@@ -154,7 +153,7 @@ def _nf4_variables(layer):
 
 
 def _formats(layers) -> str:
-    """"NF4", or "NF4 + INT8" for a model with layers in several formats."""
+    """ "NF4", or "NF4 + INT8" for a model with layers in several formats."""
     names = sorted({item["quant_type"] for item in layers}) or ["nf4"]
     return " + ".join(name.upper() for name in names)
 

@@ -3,8 +3,8 @@
 The format of bitsandbytes' LLM.int8() weights (`Int8Params`,
 `Linear8bitLt`): for the transposed kernel `W^T` (`[N, K]`, torch's
 `Linear.weight`), `SCB[n] = max |W^T[n, :]|` and
-`CB[n, k] = round(W^T[n, k] * (127 / SCB[n]))` in float32 with ties to
-even, as its `int8_vectorwise_quant` computes them; an element dequantizes
+`CB[n, k] = round(W^T[n, k] * ((1 / SCB[n]) * 127))` in float32 with ties
+to even, as its `int8_vectorwise_quant` computes them; an element dequantizes
 to `(CB * SCB) / 127` as its `int8_vectorwise_dequant` does (two float32
 multiplies by `codes.INT8_INV_MAX`).
 """
@@ -55,7 +55,9 @@ def quantize_int8(kernel_2d: Any) -> NF4State:
     out = np.empty((n, k), dtype=np.int8)
     rows = max(1, _CHUNK_ELEMENTS // k)
     with np.errstate(divide="ignore"):
-        inv = np.float32(127) / scales
+        # torch computes `127.0 / row_stats` as reciprocal, then multiply:
+        # two float32 roundings, which decide codes at exact .5 ties.
+        inv = (np.float32(1) / scales) * np.float32(127)
     inv[scales == 0] = 0
     for start in range(0, n, rows):
         sl = slice(start, start + rows)
