@@ -22,6 +22,10 @@ from keras_qlora.layers.adapter_slots import AdapterSlotsMixin
 from keras_qlora.layers.adapter_slots import check_adapter_name
 from keras_qlora.layers.frozen_state import frozen_variable_scope
 from keras_qlora.layers.paths import adopt_parent_path
+from keras_qlora.layers.source_checks import check_rank_fits
+from keras_qlora.layers.source_checks import check_source_kernel
+from keras_qlora.layers.source_checks import check_source_layer
+from keras_qlora.layers.source_checks import check_source_values
 from keras_qlora.ops.quantize import quantize_nf4_fused
 from keras_qlora.quantizers import NF4State
 from keras_qlora.quantizers import quantize_4bit
@@ -141,7 +145,7 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
     # -- build helpers -----------------------------------------------------
 
     def _build_qlora(self, k, n):
-        _check_rank_fits(self.name, self.rank, k, n)
+        check_rank_fits(self.name, self.rank, k, n)
         self.kernel_2d_shape = (int(k), int(n))
         blocks = num_blocks(k * n, self.state_block_size)
         # Two 4-bit codes per byte, or one int8 code (as its uint8 bits).
@@ -320,30 +324,30 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
             dtype=layer.dtype_policy,
             **kwargs,
         )
-        _check_rank_fits(layer.name, new.rank, *new._source_matrix(layer))
+        check_rank_fits(layer.name, new.rank, *new._source_matrix(layer))
         return new
 
     def quantize_kernel(self, kernel) -> NF4State:
         """Quantizes a float kernel of the source layer's shape (numpy,
         float32) with this layer's settings (format, blocks, double quant,
         scale search); does not store it."""
-        matrix = self._kernel_to_2d(kernel)
+        return self.quantize_matrix(self._kernel_to_2d(kernel))
+
+    def quantize_matrix(self, matrix, scale_search=None) -> NF4State:
+        """Quantizes a float `[K, N]` matrix with this layer's format and
+        settings (`scale_search` overrides the layer's); does not store
+        it."""
+        if scale_search is None:
+            scale_search = self.settings.scale_search
         if self.quant_type == "int8":
             return quantize_int8(matrix)
         if self.quant_type == "fp4":
             return quantize_4bit(
-                matrix,
-                "fp4",
-                self.block_size,
-                self.double_quant,
-                self.settings.scale_search,
+                matrix, "fp4", self.block_size, self.double_quant, scale_search
             )
         # The C++ quantizer when built (bit-identical, ~50x faster).
         return quantize_nf4_fused(
-            matrix,
-            self.block_size,
-            self.double_quant,
-            self.settings.scale_search,
+            matrix, self.block_size, self.double_quant, scale_search
         )
 
     def copy_bias_from(self, layer):
@@ -572,65 +576,3 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
                 f"Layer '{self.name}' is not built yet; build it (or call it "
                 f"once) before {what}()."
             )
-
-
-def check_source_kernel(layer, kernel):
-    """Validates the float kernel a QLoRA layer is made from; returns numpy
-    float32."""
-    _check_float(layer, kernel)
-    value = np.asarray(ops.convert_to_numpy(ops.cast(kernel, "float32")))
-    _check_finite(layer, int(value.size - np.isfinite(value).sum()))
-    return value
-
-
-def check_source_values(layer, kernel):
-    """`check_source_kernel` without the float32 copy (counted in the
-    kernel's own dtype)."""
-    _check_float(layer, kernel)
-    finite = ops.sum(ops.cast(ops.isfinite(kernel), "int64"))
-    _check_finite(layer, int(np.prod(kernel.shape)) - int(finite))
-
-
-def _check_float(layer, kernel):
-    dtype = keras.backend.standardize_dtype(kernel.dtype)
-    if "float" not in dtype:
-        raise TypeError(
-            f"Layer '{layer.name}' has a {dtype} kernel; only float kernels "
-            "can be quantized to NF4 (is it already quantized?)."
-        )
-
-
-def _check_finite(layer, bad):
-    if bad:
-        raise ValueError(
-            f"Layer '{layer.name}': its kernel has {bad} non-finite values "
-            "(NaN or Inf). Fix the weights before quantizing."
-        )
-
-
-def _check_rank_fits(name, rank, k, n):
-    if rank is not None and rank > min(k, n):
-        raise ValueError(
-            f"Layer '{name}': rank must be <= min(K, N) = {min(k, n)} for a "
-            f"[{k}, {n}] kernel. Received: rank={rank}"
-        )
-
-
-def check_source_layer(layer):
-    """Refuses layers Keras has already quantized or given a LoRA."""
-    if getattr(layer, "quantization_mode", None):
-        raise ValueError(
-            f"Layer '{layer.name}' is already quantized by Keras "
-            f"(mode={layer.quantization_mode!r}); keras_qlora needs the float "
-            "layer."
-        )
-    if getattr(layer, "lora_enabled", False):
-        raise ValueError(
-            f"Layer '{layer.name}' has Keras' own LoRA enabled; merge or drop "
-            "it before keras_qlora.apply()."
-        )
-    if not layer.built:
-        raise ValueError(
-            f"Layer '{layer.name}' is not built; build the model (call it on "
-            "data) before converting it."
-        )
