@@ -76,6 +76,12 @@ def parse_args(argv=None):
         "--seed", type=int, default=0, help="data split, init and shuffling"
     )
     parser.add_argument(
+        "--quant-type",
+        choices=("nf4", "fp4", "int8"),
+        default="nf4",
+        help="base format of the frozen weights (default nf4)",
+    )
+    parser.add_argument(
         "--out",
         "--output-dir",
         dest="out",
@@ -230,8 +236,9 @@ def accuracy(logits, labels):
     return float((logits.argmax(axis=-1) == labels).mean())
 
 
-def make_model(backbone, learning_rate):
-    """The classifier, made 4-bit with LoRA, compiled; and the apply time."""
+def make_model(backbone, learning_rate, quant_type="nf4"):
+    """The classifier, made 4-bit (or int8) with LoRA, compiled; and the
+    apply time."""
     import keras
 
     import keras_qlora
@@ -239,7 +246,11 @@ def make_model(backbone, learning_rate):
     classifier = build_classifier(backbone)
     start = time.perf_counter()
     model = keras_qlora.apply(
-        classifier, rank=8, alpha=16, modules_to_save=["classifier_head"]
+        classifier,
+        rank=8,
+        alpha=16,
+        modules_to_save=["classifier_head"],
+        quant_type=quant_type,
     )
     seconds = time.perf_counter() - start
     keras_qlora.summary(model)
@@ -369,7 +380,9 @@ def main(argv=None):
     if len(train_y) < args.batch_size:
         sys.exit("error: --train-size must be at least --batch-size")
 
-    model, quantize_s = make_model(backbone, args.learning_rate)
+    model, quantize_s = make_model(
+        backbone, args.learning_rate, args.quant_type
+    )
     start = time.perf_counter()
     acc_before = accuracy(
         predict_logits(model, test, args.eval_batch_size), test_y

@@ -16,6 +16,8 @@ import os
 os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
 
 from keras_qlora import interop  # noqa: E402
+from keras_qlora import quantizers
+from keras_qlora import report
 from keras_qlora import training
 from keras_qlora.adapters import active_adapter
 from keras_qlora.adapters import adapters_enabled
@@ -29,8 +31,6 @@ from keras_qlora.adapters import merge
 from keras_qlora.adapters import save_adapter
 from keras_qlora.adapters import set_adapter
 from keras_qlora.adapters import unmerge
-from keras_qlora import quantizers
-from keras_qlora import report
 from keras_qlora.export import export
 from keras_qlora.export import load_saved_model
 from keras_qlora.layers import QLoRADense
@@ -41,8 +41,8 @@ from keras_qlora.quantizers import NF4State
 from keras_qlora.quantizers import dequantize_nf4
 from keras_qlora.quantizers import quantize_nf4
 from keras_qlora.report import summary
-from keras_qlora.settings import QLoRASettings
 from keras_qlora.rewrite import apply
+from keras_qlora.settings import QLoRASettings
 
 __version__ = "0.1.0"
 

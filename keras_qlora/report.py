@@ -11,7 +11,8 @@ def collect(model) -> dict:
     """Measures a `QLoRAModel`: replaced layers, parameters and bytes.
 
     Returns:
-        A dict with `layers` (path, type, [K, N], rank, bits per weight),
+        A dict with `layers` (path, type, [K, N], rank, base format, bits
+            per weight),
         `trainable_params`, `total_params` (an NF4 weight counts once, as
         the float parameter it stands for), `bytes_before` (all variables
         of the float model, measured by `apply()`), `bytes_after` (all
@@ -40,6 +41,7 @@ def collect(model) -> dict:
                 "type": type(layer).__name__,
                 "shape": (k, n),
                 "rank": layer.rank,
+                "quant_type": layer.quant_type,
                 "bits_per_weight": 8.0 * size / (k * n),
             }
         )
@@ -93,19 +95,21 @@ def summary(model, print_fn=print) -> str:
     rows = [
         f"keras_qlora summary: {model.name}",
         f"{'layer':<{width}}  {'type':<16} {'[K, N]':>13} {'LoRA':>6} "
-        f"{'bits':>6}",
+        f"{'format':>6} {'bits':>6}",
     ]
     for item in info["layers"]:
         k, n = item["shape"]
         lora = f"r={item['rank']}" if item["rank"] else "-"
         rows.append(
             f"{item['path']:<{width}}  {item['type']:<16} "
-            f"{f'[{k}, {n}]':>13} {lora:>6} {item['bits_per_weight']:>6.3f}"
+            f"{f'[{k}, {n}]':>13} {lora:>6} {item['quant_type']:>6} "
+            f"{item['bits_per_weight']:>6.3f}"
         )
     lora = sum(1 for i in info["layers"] if i["rank"])
     total, trainable = info["total_params"], info["trainable_params"]
+    formats = _formats(info["layers"])
     rows += [
-        f"Replaced layers: {len(info['layers'])} NF4 ({lora} with LoRA)",
+        f"Replaced layers: {len(info['layers'])} {formats} ({lora} with LoRA)",
         f"Trainable params: {trainable:,} of {total:,} "
         f"({100.0 * trainable / max(total, 1):.3f}%)",
     ]
@@ -114,7 +118,8 @@ def summary(model, print_fn=print) -> str:
         rows.append(
             f"Base weights: {_mb(info['bytes_before'])} before -> "
             f"{_mb(info['bytes_after'])} after ({ratio:.3f}x); "
-            f"NF4 layers at {info['nf4_bits_per_weight']:.3f} bits/weight"
+            f"{formats} layers at {info['nf4_bits_per_weight']:.3f} "
+            "bits/weight"
         )
     rows.append(f"LoRA weights: {_mb(info['lora_bytes'])} (float32)")
     if info["modules_to_save"]:
@@ -145,6 +150,12 @@ def _nf4_variables(layer):
         "nf4_absmax_offset",
     )
     return [getattr(layer, n) for n in names if getattr(layer, n) is not None]
+
+
+def _formats(layers) -> str:
+    """ "NF4", or "NF4 + INT8" for a model with layers in several formats."""
+    names = sorted({item["quant_type"] for item in layers}) or ["nf4"]
+    return " + ".join(name.upper() for name in names)
 
 
 def _mb(num_bytes):

@@ -48,6 +48,7 @@ def apply(
     block_size=64,
     double_quant=True,
     scale_search=True,
+    quant_type="nf4",
     use_rslora=False,
     bias="none",
     offload_optimizer=False,
@@ -57,7 +58,8 @@ def apply(
     lm_loss_chunk_size=None,
     verbose=True,
 ):
-    """Quantizes `model` to NF4 and adds LoRA adapters; returns the wrapper.
+    """Quantizes `model` to 4 bits (or 8) and adds LoRA adapters; returns the
+    wrapper.
 
     Layer selectors (`target_modules`, `quantize_modules`, `exclude_modules`,
     `modules_to_save`; see `keras_qlora.selectors`) accept:
@@ -82,8 +84,15 @@ def apply(
             the targets.
         exclude_modules: layers left untouched (float, frozen).
         modules_to_save: layers left float and trainable (e.g. a task head).
-        block_size, double_quant, scale_search: NF4 settings, see
+        block_size, double_quant, scale_search: 4-bit settings, see
             `keras_qlora.quantizers.quantize_nf4`.
+        quant_type: the frozen weights' format: "nf4" (NormalFloat-4, the
+            default), "fp4" (bitsandbytes' 4-bit float; the same blocks,
+            double quant and scale search) or "int8" (8 bits with one
+            absmax scale per output, bitsandbytes' LLM.int8() weight:
+            about twice NF4's memory, a quarter of its error; `block_size`,
+            `double_quant` and `scale_search` do not apply). See
+            docs/formats.md.
         use_rslora: scale the adapter by alpha / sqrt(r).
         bias: which biases train, as PEFT's `bias`: "none", "all" (every
             layer's bias) or "lora_only" (biases of layers with LoRA).

@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from keras_qlora.quantizers.state import check_block_size
+from keras_qlora.quantizers.state import check_quant_type
 
 # Setting -> its key in a layer's config (`get_config`); `scale_search`
 # only matters while quantizing and is not part of a layer's config.
@@ -28,6 +29,7 @@ LAYER_KEYS = {
     "use_rslora": "use_rslora",
     "block_size": "block_size",
     "double_quant": "double_quant",
+    "quant_type": "quant_type",
 }
 
 
@@ -42,10 +44,14 @@ class QLoRASettings:
             finite number).
         dropout: dropout rate on the adapter's input, in [0, 1).
         use_rslora: scale by alpha / sqrt(r) instead (rank-stabilized).
-        block_size: NF4 elements per scale: 32, 64, 128 or 256.
+        block_size: 4-bit elements per scale: 32, 64, 128 or 256.
         double_quant: store the block scales as 8-bit codes.
         scale_search: pick each block's scale by least squares while
             quantizing (see `keras_qlora.quantizers.quantize_nf4`).
+        quant_type: the frozen weight's base format: "nf4" (default),
+            "fp4" (bitsandbytes' 4-bit float, same blocks and double
+            quant) or "int8" (one scale per output; `block_size`,
+            `double_quant` and `scale_search` do not apply to it).
 
     Raises:
         TypeError: a setting of the wrong type (e.g. `rank=2.0`).
@@ -64,6 +70,7 @@ class QLoRASettings:
     block_size: int = 64
     double_quant: bool = True
     scale_search: bool = True
+    quant_type: str = "nf4"
 
     def __post_init__(self):
         checked = _checked(dataclasses.asdict(self), {}, "")
@@ -74,6 +81,17 @@ class QLoRASettings:
     def has_lora(self) -> bool:
         """Whether these settings give a layer a LoRA adapter."""
         return self.rank is not None
+
+    @property
+    def stores_double_quant(self) -> bool:
+        """Whether the frozen weight holds 8-bit block scales: `double_quant`
+        with a 4-bit format (int8 has one float32 scale per output)."""
+        return self.double_quant and self.quant_type != "int8"
+
+    def state_block_size(self, k: int) -> int:
+        """The block size of the stored weight of a `[k, N]` kernel: K for
+        int8 (a block is a row of `W^T`), else `block_size`."""
+        return int(k) if self.quant_type == "int8" else self.block_size
 
     @property
     def lora_scale(self) -> float:
@@ -198,6 +216,11 @@ def _checked(values: dict, names: dict, where: str) -> dict:
             fail(TypeError, field, "True or False")
         if field in values:
             out[field] = bool(values[field])
+    if "quant_type" in values:
+        try:
+            out["quant_type"] = check_quant_type(values["quant_type"])
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{where}{err}") from None
     if "block_size" in values:
         name = names.get("block_size", "block_size")
         try:

@@ -33,6 +33,7 @@ def test_defaults_match_apply():
         "block_size": 64,
         "double_quant": True,
         "scale_search": True,
+        "quant_type": "nf4",
     }
 
 
@@ -115,6 +116,7 @@ def test_layer_spelling():
         "use_rslora": False,
         "block_size": 64,
         "double_quant": True,
+        "quant_type": "nf4",
     }
     assert QLoRASettings.from_layer_config(config, "q") == s
     # Errors name the layer and use the layer's argument names.

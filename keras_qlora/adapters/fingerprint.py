@@ -36,6 +36,8 @@ def layer_digest(layer) -> str:
     """sha256 (hex) of one QLoRA layer's frozen NF4 state."""
     h = hashlib.sha256()
     meta = [list(layer.kernel_2d_shape), layer.block_size, layer.double_quant]
+    if layer.quant_type != "nf4":  # NF4 digests stay as they were
+        meta.append(layer.quant_type)
     h.update(json.dumps(meta).encode())
     for name in _NF4_VARIABLES:
         variable = getattr(layer, name, None)

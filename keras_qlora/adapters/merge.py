@@ -42,9 +42,8 @@ from keras_qlora.layers import QLoRAEinsumDense
 from keras_qlora.layers import QLoRALayerBase
 from keras_qlora.layers.adapter_slots import check_adapter_name
 from keras_qlora.layers.paths import adopt_parent_path
-from keras_qlora.ops.quantize import quantize_nf4_fused
 from keras_qlora.quantizers import NF4State
-from keras_qlora.quantizers import dequantize_nf4
+from keras_qlora.quantizers import dequantize
 from keras_qlora.remat import disable_gradient_checkpointing
 from keras_qlora.wrapper import require_qlora_model
 
@@ -237,7 +236,7 @@ def _float_merge(model, entries, adapter, safe):
 def _merged_kernel(entry, adapter):
     """`dequant(W) + scale * A @ B` as float32 `[K, N]` (numpy)."""
     layer = entry.layer
-    kernel = dequantize_nf4(layer.nf4_state())
+    kernel = dequantize(layer.nf4_state())
     if adapter is not None and layer.has_lora:
         lora_a, lora_b = layer.adapter_variables(adapter)
         delta = lora_a.numpy() @ lora_b.numpy()  # (K, r) @ (r, N)
@@ -362,9 +361,7 @@ def _requantize_merge(model, entries, adapter):
         state = layer.nf4_state()
         kernel = _merged_kernel(entry, adapter)
         _check_finite(kernel, entry.path, adapter)
-        new = quantize_nf4_fused(
-            kernel, layer.block_size, layer.double_quant, scale_search
-        )
+        new = layer.quantize_matrix(kernel, scale_search)
         errors.append((entry.path, _relative_error(new, kernel)))
         lora_b = layer.adapter_variables(adapter)[1].numpy()
         staged.append((entry, state, new, lora_b))
@@ -387,7 +384,7 @@ def _requantize_merge(model, entries, adapter):
 def _relative_error(state, kernel):
     """`||dequant(state) - kernel||_F / ||kernel||_F`, in float64."""
     exact = kernel.astype(np.float64)
-    diff = dequantize_nf4(state).astype(np.float64) - exact
+    diff = dequantize(state).astype(np.float64) - exact
     norm = np.linalg.norm(exact)
     if norm == 0.0:
         return 0.0 if not diff.any() else float("inf")

@@ -1,19 +1,21 @@
-"""NF4 states <-> bitsandbytes `Linear4bit` state_dict entries.
+"""Quantized states <-> bitsandbytes `Linear4bit` / `Linear8bitLt` entries.
 
-bitsandbytes saves a 4-bit Linear as the packed weight plus a few entries
-named after it (here for the weight key `weight`):
+bitsandbytes saves a 4-bit Linear (NF4 or FP4) as the packed weight plus a
+few entries named after it (here for the weight key `weight`):
 
     weight                                uint8 [ceil(N * K / 2), 1]
     weight.absmax                         uint8 codes (double quant), else
                                           float32 [blocks]
-    weight.quant_map                      float32 [16], the NF4 table
+    weight.quant_map                      float32 [16], the NF4 / FP4 table
     weight.nested_absmax                  float32 [ceil(blocks / 256)]
     weight.nested_quant_map               float32 [256], the dynamic map
     weight.quant_state.bitsandbytes__nf4  uint8 bytes of a UTF-8 JSON dict:
-                                          quant_type, blocksize, dtype,
+    (or ...bitsandbytes__fp4)             quant_type, blocksize, dtype,
                                           shape, and nested_* scalars
 
-The `nested_*` entries exist only with double quantization. The torch weight
+The `nested_*` entries exist only with double quantization. int8 weights
+(`Linear8bitLt`) are an int8 `weight` with `SCB` and `weight_format` beside
+it; see `bnb_int8.py`. The torch weight
 is `[out, in] = [N, K]`, the Keras kernel transposed; `NF4State` already
 stores its bytes in that order, so converting renames and validates, and
 never requantizes. Only numpy is used: torch tensors are accepted (anything
@@ -27,6 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from keras_qlora.interop import bnb_int8
+from keras_qlora.interop.bnb_values import check_finite
+from keras_qlora.interop.bnb_values import check_prefix
+from keras_qlora.interop.bnb_values import describe
+from keras_qlora.interop.bnb_values import entry
+from keras_qlora.interop.bnb_values import is_int
+from keras_qlora.interop.bnb_values import keys_under
+from keras_qlora.interop.bnb_values import tensor_to_numpy
 from keras_qlora.quantizers import codes
 from keras_qlora.quantizers.state import ALLOWED_BLOCK_SIZES
 from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
@@ -40,25 +50,28 @@ _WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def to_bitsandbytes(state_or_layer: Any, prefix: str = "weight") -> dict:
-    """Converts an NF4 weight to bitsandbytes `Linear4bit` state_dict entries.
+    """Converts a quantized weight to bitsandbytes state_dict entries.
 
     Args:
-        state_or_layer: an `NF4State`, or a built `QLoRADense` /
-            `QLoRAEinsumDense` (its `nf4_state()` is used; an EinsumDense
-            kernel is exported as its 2-D `[K, N]` view).
-        prefix: the weight's key, e.g. `"model.layers.0.mlp.up_proj.weight"`.
+        state_or_layer: an `NF4State` (any base format), or a built
+            `QLoRADense` / `QLoRAEinsumDense` (its `nf4_state()` is used;
+            an EinsumDense kernel is exported as its 2-D `[K, N]` view).
+        prefix: the weight's key, e.g. `"model.layers.0.mlp.up_proj.weight"`
+            (for int8 it must end in "weight": `SCB` sits beside it).
 
     Returns:
         A dict of numpy arrays with bitsandbytes' keys (see module doc), as
-        in a saved `Linear4bit` state_dict. To rebuild the torch parameter,
-        convert them with `torch.from_numpy` and pass the weight and the
-        other entries (prefix stripped) to
-        `bitsandbytes.nn.Params4bit.from_prequantized`.
+        in a saved `Linear4bit` (NF4, FP4) or `Linear8bitLt` (int8)
+        state_dict. For 4 bits, rebuild the torch parameter with
+        `bitsandbytes.nn.Params4bit.from_prequantized` (entries converted
+        with `torch.from_numpy`, prefix stripped); for int8, load them into
+        a `Linear8bitLt(has_fp16_weights=False)` moved to its device.
 
     Raises:
         TypeError: neither an `NF4State` nor a QLoRA layer, or a non-string
             `prefix`.
-        ValueError: an empty `prefix`.
+        ValueError: an empty `prefix`; an int8 `prefix` not ending in
+            "weight".
 
     Example:
     >>> import numpy as np
@@ -68,10 +81,12 @@ def to_bitsandbytes(state_or_layer: Any, prefix: str = "weight") -> dict:
     ((256, 1), dtype('uint8'))
     """
     state = _as_state(state_or_layer)
-    _check_prefix(prefix)
+    check_prefix(prefix)
+    if state.quant_type == "int8":
+        return bnb_int8.to_entries(state, prefix)
     k, n = state.shape
     meta = {
-        "quant_type": "nf4",
+        "quant_type": state.quant_type,
         "blocksize": state.block_size,
         "dtype": "float32",
         "shape": [n, k],
@@ -79,7 +94,9 @@ def to_bitsandbytes(state_or_layer: Any, prefix: str = "weight") -> dict:
     out = {
         prefix: state.packed.reshape(-1, 1).copy(),
         f"{prefix}.absmax": state.absmax.copy(),
-        f"{prefix}.quant_map": np.array(codes.NF4_CODE, dtype=np.float32),
+        f"{prefix}.quant_map": np.array(
+            codes.FOUR_BIT_FORMATS[state.quant_type].code, dtype=np.float32
+        ),
     }
     if state.double_quant:
         out[f"{prefix}.nested_absmax"] = state.absmax_scale.copy()
@@ -90,12 +107,14 @@ def to_bitsandbytes(state_or_layer: Any, prefix: str = "weight") -> dict:
         meta["nested_dtype"] = "float32"
         meta["nested_offset"] = state.absmax_offset
     blob = json.dumps(meta).encode("utf-8")
-    out[f"{prefix}.{_QUANT_STATE}nf4"] = np.frombuffer(blob, np.uint8).copy()
+    key = f"{prefix}.{_QUANT_STATE}{state.quant_type}"
+    out[key] = np.frombuffer(blob, np.uint8).copy()
     return out
 
 
 def from_bitsandbytes(state_dict: Mapping, prefix: str = "weight") -> NF4State:
-    """Reads a bitsandbytes NF4 `Linear4bit` weight into an `NF4State`.
+    """Reads a bitsandbytes weight into an `NF4State`: a `Linear4bit` (NF4
+    or FP4) or, when the weight entry is int8, a `Linear8bitLt`.
 
     Args:
         state_dict: a mapping holding the entries listed in the module doc
@@ -105,14 +124,15 @@ def from_bitsandbytes(state_dict: Mapping, prefix: str = "weight") -> NF4State:
 
     Returns:
         An `NF4State` of the Keras kernel `[K, N]` (the torch weight
-        `[N, K]` transposed); `dequantize_nf4` of it equals bitsandbytes'
-        `dequantize_4bit` transposed, bit for bit.
+        `[N, K]` transposed); `quantizers.dequantize` of it equals
+        bitsandbytes' `dequantize_4bit` (or `int8_vectorwise_dequant`)
+        transposed, bit for bit.
 
     Raises:
         TypeError: `state_dict` is not a mapping, an entry is not an
             array, or `prefix` is not a string.
-        ValueError: a missing or malformed entry, fp4 weights, a block size
-            keras_qlora does not support, or a code table that is not NF4's.
+        ValueError: a missing or malformed entry, a block size keras_qlora
+            does not support, or a code table that is not the format's.
             The message names the key, what it holds and what is allowed.
 
     Example:
@@ -127,23 +147,32 @@ def from_bitsandbytes(state_dict: Mapping, prefix: str = "weight") -> NF4State:
             "from_bitsandbytes expects a state_dict mapping. "
             f"Received: {type(state_dict).__name__}"
         )
-    _check_prefix(prefix)
+    check_prefix(prefix)
+    if bnb_int8.holds_int8(state_dict, prefix):
+        return bnb_int8.from_entries(state_dict, prefix)
     meta_key, meta = _read_meta(state_dict, prefix)
     n, k = _check_meta(meta, meta_key)
     block_size = meta["blocksize"]
     blocks = num_blocks(k * n, block_size)
     nested = _is_nested(state_dict, prefix, meta, meta_key)
 
-    packed = _array(state_dict, prefix, None, np.uint8)
+    packed = entry(state_dict, prefix, None, np.uint8)
     if packed.size != (k * n + 1) // 2 or packed.ndim not in (1, 2):
         raise ValueError(
             f"from_bitsandbytes: '{prefix}' must hold ceil(N * K / 2) = "
             f"{(k * n + 1) // 2} bytes, shape [bytes, 1] or [bytes], for "
             f"shape [N, K] = {[n, k]}. Received: shape={packed.shape}"
         )
-    _check_table(state_dict, prefix, "quant_map", codes.NF4_CODE, "NF4")
+    quant_type = meta["quant_type"]
+    _check_table(
+        state_dict,
+        prefix,
+        "quant_map",
+        codes.FOUR_BIT_FORMATS[quant_type].code,
+        quant_type.upper(),
+    )
     absmax_dtype = np.uint8 if nested else np.float32
-    absmax = _array(state_dict, prefix, "absmax", absmax_dtype, (blocks,))
+    absmax = entry(state_dict, prefix, "absmax", absmax_dtype, (blocks,))
     scale = offset = None
     if nested:
         _check_table(
@@ -154,13 +183,13 @@ def from_bitsandbytes(state_dict: Mapping, prefix: str = "weight") -> NF4State:
             "8-bit dynamic",
         )
         nested_blocks = num_blocks(blocks, NESTED_BLOCK_SIZE)
-        scale = _array(
+        scale = entry(
             state_dict, prefix, "nested_absmax", np.float32, (nested_blocks,)
         )
-        _check_finite(scale, f"{prefix}.nested_absmax")
+        check_finite(scale, f"{prefix}.nested_absmax")
         offset = meta["nested_offset"]
     else:
-        _check_finite(absmax, f"{prefix}.absmax")
+        check_finite(absmax, f"{prefix}.absmax")
     return NF4State(
         packed=np.ascontiguousarray(packed.reshape(-1)),
         absmax=absmax,
@@ -168,6 +197,7 @@ def from_bitsandbytes(state_dict: Mapping, prefix: str = "weight") -> NF4State:
         block_size=block_size,
         absmax_scale=scale,
         absmax_offset=offset,
+        quant_type=quant_type,
     )
 
 
@@ -183,36 +213,23 @@ def _as_state(obj) -> NF4State:
     )
 
 
-def _check_prefix(prefix):
-    if not isinstance(prefix, str):
-        raise TypeError(
-            "prefix must be the key of the weight, a string such as "
-            f"'weight'. Received: prefix={prefix!r}"
-        )
-    if not prefix:
-        raise ValueError(
-            "prefix must be the non-empty key of the weight, e.g. 'weight'. "
-            f"Received: prefix={prefix!r}"
-        )
-
-
 def _read_meta(state_dict, prefix):
     """Finds and decodes the packed `quant_state.bitsandbytes__*` entry."""
     start = f"{prefix}.{_QUANT_STATE}"
     found = sorted(k for k in state_dict if str(k).startswith(start))
-    want = f"{start}nf4"
+    want = f"{start}nf4' or '{start}fp4"
     if len(found) != 1:
         raise ValueError(
             f"from_bitsandbytes needs exactly one key '{want}'. Received: "
             f"{found or 'none'}; keys under '{prefix}': "
-            f"{_keys_under(state_dict, prefix)}"
+            f"{keys_under(state_dict, prefix)}"
         )
     key = found[0]
-    if key != want:
+    if key[len(start) :] not in codes.FOUR_BIT_FORMATS:
         raise ValueError(
             f"from_bitsandbytes: '{key}' holds a "
-            f"'{key[len(start) :]}' weight; only 'nf4' is supported "
-            "(fp4 has a different code table)."
+            f"'{key[len(start) :]}' weight; the 4-bit formats are "
+            f"{tuple(codes.FOUR_BIT_FORMATS)}."
         )
     raw = tensor_to_numpy(state_dict[key], key)
     try:
@@ -220,7 +237,7 @@ def _read_meta(state_dict, prefix):
     except (ValueError, TypeError, RecursionError) as err:
         raise ValueError(
             f"from_bitsandbytes: '{key}' must be the uint8 bytes of a UTF-8 "
-            f"JSON dict. Received: {_describe(raw)} ({err})"
+            f"JSON dict. Received: {describe(raw)} ({err})"
         ) from None
     if not isinstance(meta, dict):
         raise ValueError(
@@ -239,14 +256,14 @@ def _check_meta(meta, key):
             f"from_bitsandbytes: '{key}' lacks fields {missing}. "
             f"Received fields: {sorted(meta)}"
         )
-    _check_field(meta, key, "quant_type", ("nf4",))
+    _check_field(meta, key, "quant_type", (key.rsplit("__", 1)[-1],))
     _check_field(meta, key, "blocksize", ALLOWED_BLOCK_SIZES)
     _check_field(meta, key, "dtype", _WEIGHT_DTYPES)
     shape = meta["shape"]
     if (
         not isinstance(shape, list)
         or len(shape) != 2
-        or not all(_is_int(d) and d > 0 for d in shape)
+        or not all(is_int(d) and d > 0 for d in shape)
     ):
         raise ValueError(
             f"from_bitsandbytes: field 'shape' of '{key}' must be two "
@@ -287,7 +304,7 @@ def _is_nested(state_dict, prefix, meta, key):
 
 def _check_field(meta, key, field, allowed):
     value = meta[field]
-    if isinstance(allowed[0], int) and not _is_int(value):
+    if isinstance(allowed[0], int) and not is_int(value):
         value_ok = False  # reject 64.0 and True, which == 64 and == 1
     else:
         value_ok = value in allowed
@@ -300,7 +317,7 @@ def _check_field(meta, key, field, allowed):
 
 def _check_table(state_dict, prefix, name, expected, what):
     key = f"{prefix}.{name}"
-    table = _array(state_dict, prefix, name, np.float32, expected.shape)
+    table = entry(state_dict, prefix, name, np.float32, expected.shape)
     if not np.array_equal(table, expected):
         bad = int(np.sum(table != expected))
         raise ValueError(
@@ -308,72 +325,3 @@ def _check_table(state_dict, prefix, name, expected, what):
             f"keras_qlora uses; {bad} of {expected.size} values differ. "
             f"Received: {table[:4].tolist()}..."
         )
-
-
-def _check_finite(values, key):
-    if not np.isfinite(values).all():
-        raise ValueError(
-            f"from_bitsandbytes: '{key}' must be finite. Received "
-            f"{int(np.sum(~np.isfinite(values)))} NaN/Inf values."
-        )
-
-
-def _array(state_dict, prefix, name, dtype, shape=None):
-    """Entry `prefix.name` (`prefix` when name is None) as checked numpy."""
-    key = prefix if name is None else f"{prefix}.{name}"
-    if key not in state_dict:
-        raise ValueError(
-            f"from_bitsandbytes: missing key '{key}'. Received keys under "
-            f"'{prefix}': {_keys_under(state_dict, prefix)}"
-        )
-    value = tensor_to_numpy(state_dict[key], key)
-    if value.dtype != dtype or (shape is not None and value.shape != shape):
-        want = np.dtype(dtype).name
-        raise ValueError(
-            f"from_bitsandbytes: '{key}' must be {want} with shape "
-            f"{list(shape) if shape is not None else 'any'}. "
-            f"Received: {_describe(value)}"
-        )
-    return value
-
-
-def tensor_to_numpy(value, key):
-    """A state-dict value (torch tensor, bytes, array-like) as numpy;
-    `key` names it in errors.
-
-    Raises:
-        TypeError: a value that is not numeric data.
-    """
-    if hasattr(value, "detach"):  # a torch tensor; no torch import needed
-        try:
-            value = value.detach().cpu().numpy()
-        except (TypeError, RuntimeError) as err:
-            raise TypeError(
-                f"from_bitsandbytes: cannot read '{key}' as a numpy array "
-                f"(dtype={getattr(value, 'dtype', '?')}): {err}"
-            ) from None
-    if isinstance(value, (bytes, bytearray)):
-        return np.frombuffer(bytes(value), dtype=np.uint8)
-    value = np.asarray(value)
-    if value.dtype == object:
-        raise TypeError(
-            f"from_bitsandbytes: '{key}' must be an array. Received: "
-            f"{type(value).__name__} of objects"
-        )
-    return value
-
-
-def _keys_under(state_dict, prefix):
-    dotted = prefix + "."
-    return sorted(
-        str(k) for k in state_dict if k == prefix or str(k).startswith(dotted)
-    )
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _describe(value):
-    arr = np.asarray(value)
-    return f"array(shape={list(arr.shape)}, dtype={arr.dtype})"

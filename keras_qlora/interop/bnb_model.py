@@ -29,7 +29,8 @@ from keras_qlora.quantizers import double_quantize_absmax
 
 # Marks the metadata entry of a bitsandbytes 4-bit weight.
 _QUANT_STATE = ".quant_state.bitsandbytes__"
-# The entries of one bitsandbytes NF4 weight, after its module name.
+# The entries of one bitsandbytes weight, after its module name: 4-bit
+# (Linear4bit, NF4 or FP4) or int8 (Linear8bitLt: SCB, weight_format).
 _WEIGHT_ENTRIES = (
     "weight",
     "weight.absmax",
@@ -37,6 +38,9 @@ _WEIGHT_ENTRIES = (
     "weight.nested_absmax",
     "weight.nested_quant_map",
     "weight.quant_state.bitsandbytes__nf4",
+    "weight.quant_state.bitsandbytes__fp4",
+    "SCB",
+    "weight_format",
 )
 
 
@@ -238,7 +242,13 @@ def _fit(layer, state, path, key):
             f"'{key}' holds a weight [out, in] = {got}; layer '{path}' "
             f"needs [out, in] = {[n, k]}."
         )
-    if state.block_size != layer.block_size:
+    if state.quant_type != layer.quant_type:
+        raise ValueError(
+            f"'{key}' holds a {state.quant_type} weight; layer '{path}' is "
+            f"{layer.quant_type}. apply() the model with "
+            f"quant_type={state.quant_type!r}."
+        )
+    if state.block_size != layer.state_block_size:
         raise ValueError(
             f"'{key}' uses block size {state.block_size}; layer '{path}' "
             f"uses {layer.block_size}. apply() the model with "
@@ -261,6 +271,7 @@ def _double_quantized(state, path):
         block_size=state.block_size,
         absmax_scale=scale,
         absmax_offset=offset,
+        quant_type=state.quant_type,
     )
     change = np.abs(new.block_absmax() - state.absmax).max()
     return new, (path, float(change / max(np.abs(state.absmax).max(), 1e-30)))

@@ -1,4 +1,6 @@
-"""Splitting and joining NF4 states along the output axis (fused modules).
+"""Splitting and joining quantized states along the output axis (fused
+modules), in any base format (an int8 block is a whole row, so every cut
+between outputs is exact).
 
 GPT-2's `c_attn` is one HF weight `[3 * hidden, hidden]` (torch layout) for
 our three layers query, key and value. An `NF4State` stores the torch
@@ -50,6 +52,7 @@ def split(state: NF4State, pieces: int, what: str) -> list:
             "load it (the block scales are then expanded to float32, "
             "exactly)."
         )
+    per_byte = 1 if state.quant_type == "int8" else 2  # elements per byte
     out = []
     for p in range(pieces):
         scale = None
@@ -58,12 +61,15 @@ def split(state: NF4State, pieces: int, what: str) -> list:
             scale = state.absmax_scale[p * groups : (p + 1) * groups].copy()
         out.append(
             NF4State(
-                packed=state.packed[p * size // 2 : (p + 1) * size // 2].copy(),
+                packed=state.packed[
+                    p * size // per_byte : (p + 1) * size // per_byte
+                ].copy(),
                 absmax=state.absmax[p * blocks : (p + 1) * blocks].copy(),
                 shape=(k, n_piece),
                 block_size=state.block_size,
                 absmax_scale=scale,
                 absmax_offset=state.absmax_offset,
+                quant_type=state.quant_type,
             )
         )
     return out
@@ -83,10 +89,15 @@ def join(states: list, what: str) -> NF4State:
     first = states[0]
     k, block_size = first.shape[0], first.block_size
     for state in states[1:]:
-        if (state.shape[0], state.block_size) != (k, block_size):
+        if (state.shape[0], state.block_size, state.quant_type) != (
+            k,
+            block_size,
+            first.quant_type,
+        ):
             raise ValueError(
-                f"The pieces of '{what}' differ in inputs or block size: "
-                f"{[(s.shape, s.block_size) for s in states]}."
+                f"The pieces of '{what}' differ in inputs, block size or "
+                "format: "
+                f"{[(s.shape, s.block_size, s.quant_type) for s in states]}."
             )
     for state in states[:-1]:
         _check_cut(state.num_elements, block_size, what)
@@ -104,12 +115,14 @@ def join(states: list, what: str) -> NF4State:
             block_size=block_size,
             absmax_scale=np.concatenate([s.absmax_scale for s in states]),
             absmax_offset=first.absmax_offset,
+            quant_type=first.quant_type,
         )
     return NF4State(
         packed=packed,
         absmax=np.concatenate([s.block_absmax() for s in states]),
         shape=(k, n),
         block_size=block_size,
+        quant_type=first.quant_type,
     )
 
 
@@ -122,6 +135,7 @@ def expand_scales(state: NF4State) -> NF4State:
         absmax=state.block_absmax(),
         shape=state.shape,
         block_size=state.block_size,
+        quant_type=state.quant_type,
     )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from keras import ops
 
 from keras_qlora import convert
-from keras_qlora.layers.base import check_source_kernel
+from keras_qlora.layers.source_checks import check_source_kernel
 
 _READ = "MiB read"
 

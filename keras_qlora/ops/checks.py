@@ -14,6 +14,7 @@ import numpy as np
 
 from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
 from keras_qlora.quantizers.state import check_block_size
+from keras_qlora.quantizers.state import check_quant_type
 from keras_qlora.quantizers.state import num_blocks
 
 
@@ -27,15 +28,30 @@ def check_inputs(x, weight, transpose):
             f"Received: transpose={transpose!r}"
         )
     k, n = _shape(weight)
-    _block_size(weight.block_size)
+    quant_type = _quant_type(weight.quant_type)
+    if quant_type == "int8":
+        _int8_block_size(weight.block_size, k)
+    else:
+        _block_size(weight.block_size)
     count = k * n
     blocks = num_blocks(count, weight.block_size)
     packed, absmax, scale, offset = weight.arrays()
+    if quant_type == "int8" and _dtype(absmax) == "uint8":
+        raise ValueError(
+            "NF4Matmul: quant_type=int8 takes float32 absmax (one scale per "
+            "row of W^T); it has no double quantization. Received: uint8 "
+            "absmax"
+        )
+    size, rule = (
+        (count, "k * n")
+        if quant_type == "int8"
+        else ((count + 1) // 2, "ceil(k * n / 2)")
+    )
     _sized(
         "packed",
         packed,
-        (count + 1) // 2,
-        f"ceil(k * n / 2) = {(count + 1) // 2} bytes for k={k}, n={n}",
+        size,
+        f"{rule} = {size} bytes for k={k}, n={n}, quant_type={quant_type}",
     )
     _sized(
         "absmax",
@@ -85,6 +101,22 @@ def _shape(weight):
             f"Received: weight.shape={weight.shape!r}"
         )
     return tuple(int(d) for d in shape)
+
+
+def _quant_type(quant_type):
+    try:
+        return check_quant_type(quant_type, "weight.quant_type")
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"NF4Matmul: {err}") from None
+
+
+def _int8_block_size(block_size, k):
+    if isinstance(block_size, bool) or block_size != k:
+        raise ValueError(
+            "NF4Matmul: with quant_type=int8 every row of W^T has one scale, "
+            f"so block_size must equal k={k}. Received: block_size="
+            f"{block_size!r}"
+        )
 
 
 def _block_size(block_size):

@@ -85,15 +85,18 @@ def _eager_self_test(lib) -> bool:
         return _self_test(lib)
 
 
-# (m, k, n, dtype, transpose) of the self-test. On a GPU they reach every
-# CUDA kernel family (nf4_cuda_plan.h): K = 70 the reference kernel, the
-# float32 cases at M = 2 the forward and transposed GEMV, the bfloat16 case
-# at M = 24 the tensor-core kernel; on a CPU, the CPU kernels' paths.
+# (m, k, n, dtype, transpose, quant_type) of the self-test. On a GPU they
+# reach every CUDA kernel family (nf4_cuda_plan.h): K = 70 the reference
+# kernel, the float32 cases at M = 2 the forward and transposed GEMV, the
+# bfloat16 case at M = 24 the tensor-core kernel; on a CPU, the CPU
+# kernels' paths. The last two check the other base formats.
 _SELF_TEST_CASES = (
-    (2, 70, 3, "float32", False),
-    (2, 64, 40, "float32", False),
-    (2, 64, 40, "float32", True),
-    (24, 64, 40, "bfloat16", False),
+    (2, 70, 3, "float32", False, "nf4"),
+    (2, 64, 40, "float32", False, "nf4"),
+    (2, 64, 40, "float32", True, "nf4"),
+    (24, 64, 40, "bfloat16", False, "nf4"),
+    (24, 64, 40, "float32", True, "fp4"),
+    (24, 70, 40, "float32", False, "int8"),
 )
 
 
@@ -101,15 +104,17 @@ def _self_test(lib):
     import numpy as np
     import tensorflow as tf
 
-    from keras_qlora.quantizers import quantize_nf4
+    from keras_qlora.quantizers import quantize
 
     case = None
     try:
         rng = np.random.default_rng(0)
         for case in _SELF_TEST_CASES:
-            m, k, n, dtype, transpose = case
+            m, k, n, dtype, transpose, quant_type = case
             weight = NF4Tensors.from_state(
-                quantize_nf4(rng.standard_normal((k, n)).astype("float32"))
+                quantize(
+                    rng.standard_normal((k, n)).astype("float32"), quant_type
+                )
             )
             x = tf.cast(
                 rng.standard_normal((m, n if transpose else k)).astype(
@@ -129,11 +134,13 @@ def _self_test(lib):
                     f"{np.abs(got - want).max():.3g}, allowed {tol:.3g})"
                 )
     except Exception as err:
-        m, k, n, dtype, transpose = case or (0, 0, 0, "?", False)
+        m, k, n, dtype, transpose, quant_type = case or (
+            (0, 0, 0, "?", False, "?")
+        )
         loader.mark_failed(
             f"self-test of the fused op failed for {dtype} x [{m}, "
             f"{n if transpose else k}] @ W{'^T' if transpose else ''} "
-            f"(W [{k}, {n}]): {err}"
+            f"(W [{k}, {n}], {quant_type}): {err}"
         )
         return False
     return True
@@ -156,8 +163,9 @@ def nf4_matmul(x, weight, transpose=False):
     Args:
         x: float32 / float16 / bfloat16 tensor of rank >= 2, last axis K
             (N when `transpose`).
-        weight: the NF4 weight `W` (`[K, N]`): an `NF4Tensors` (tensors or
-            variables, e.g. a layer's), or an `NF4State` (numpy arrays).
+        weight: the quantized weight `W` (`[K, N]`) in any base format
+            (NF4, FP4, int8): an `NF4Tensors` (tensors or variables, e.g. a
+            layer's), or an `NF4State` (numpy arrays).
         transpose: multiply by `W^T` (used for input gradients).
 
     Returns:
@@ -241,6 +249,7 @@ def _fused(lib, x, weight, transpose):
         n=int(weight.shape[1]),
         block_size=int(weight.block_size),
         transpose=bool(transpose),
+        quant_type=weight.quant_type,
     )
 
 
@@ -285,8 +294,14 @@ def _register_gradient():
             n=op.get_attr("n"),
             block_size=op.get_attr("block_size"),
             transpose=not op.get_attr("transpose"),
+            quant_type=_attr_text(op.get_attr("quant_type")),
         )
         return [dx, None, None, None, None]
+
+
+def _attr_text(value):
+    # A string attribute reads back as bytes in graph mode.
+    return value.decode() if isinstance(value, bytes) else value
 
 
 try:

@@ -1,4 +1,5 @@
-"""`NF4Tensors`: the NF4 weight as the op wrapper takes it, in one object.
+"""`NF4Tensors`: the 4-bit (or int8) weight as the op wrapper takes it, in
+one object.
 
 The tensor twin of `keras_qlora.quantizers.NF4State`: the same fields, but
 the arrays may be TF / Keras tensors or variables (a layer passes its
@@ -23,7 +24,9 @@ class NF4Tensors:
         absmax_scale: float32 per-256-block scales (double quant) or None.
         absmax_offset: float32 scalar offset (double quant) or None.
         shape: logical kernel shape `(K, N)` (Python ints).
-        block_size: quantization block size (Python int).
+        block_size: quantization block size (Python int); K for int8.
+        quant_type: the base format, "nf4", "fp4" or "int8" (see
+            `keras_qlora.quantizers.NF4State`).
 
     Example:
     >>> import numpy as np
@@ -39,6 +42,7 @@ class NF4Tensors:
     absmax_offset: Any
     shape: tuple
     block_size: int
+    quant_type: str = "nf4"
 
     @classmethod
     def from_state(cls, state: NF4State) -> "NF4Tensors":
@@ -62,6 +66,7 @@ class NF4Tensors:
             absmax_offset=None if offset is None else np.float32(offset),
             shape=tuple(state.shape),
             block_size=int(state.block_size),
+            quant_type=state.quant_type,
         )
 
     def arrays(self) -> tuple:

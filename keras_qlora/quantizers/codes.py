@@ -1,9 +1,11 @@
-"""Code tables shared by the quantizers: NF4 values and the 8-bit dynamic maps.
+"""Code tables shared by the quantizers: NF4 and FP4 values, the 8-bit dynamic
+maps, the int8 dequantization constant.
 
 Both tables are bit-identical to the ones bitsandbytes uses, so that states we
 write can be dequantized by bitsandbytes and vice versa.
 """
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -43,6 +45,77 @@ NF4_MIDPOINTS.setflags(write=False)
 
 # Index of the code 0.0: what padding nibbles and all-zero blocks hold.
 NF4_ZERO_INDEX = 7
+
+
+# bitsandbytes' FP4 values (`get_4bit_type("fp4")`): a sign bit (bit 3), two
+# exponent bits and one mantissa bit, the magnitudes 0, 0.0625, 8, 12, 4, 6,
+# 2, 3 divided by 12. Index i is the 4-bit code i; unlike NF4 the table is
+# not sorted. Hex literals are the exact float32 values.
+FP4_CODE = np.array(
+    [
+        float.fromhex(v)
+        for v in (
+            "0x0p+0", "0x1.555556p-8", "0x1.555556p-1", "0x1p+0",
+            "0x1.555556p-2", "0x1p-1", "0x1.555556p-3", "0x1p-2",
+            "0x0p+0", "-0x1.555556p-8", "-0x1.555556p-1", "-0x1p+0",
+            "-0x1.555556p-2", "-0x1p-1", "-0x1.555556p-3", "-0x1p-2",
+        )
+    ],
+    dtype=np.float32,
+)  # fmt: skip
+FP4_CODE.setflags(write=False)
+
+# The FP4 codes in increasing order of value, as bitsandbytes sorts them
+# (its argsort puts the zero code 0 before the zero code 8); rounding picks
+# a position in this order, the code stored is the entry there.
+FP4_ORDER = np.array(
+    [11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3], dtype=np.uint8
+)
+FP4_ORDER.setflags(write=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class FourBitFormat:
+    """A 4-bit code table and how values round to it.
+
+    Attributes:
+        name: "nf4" or "fp4".
+        code: the 16 float32 values, index = the 4-bit code.
+        order: codes in increasing order of value.
+        midpoints: the 15 float32 decision boundaries between neighbours
+            of the sorted table, `(a + b) / 2` in float32; a value equal to
+            one rounds down (bitsandbytes' `bucketize`).
+        zero_index: the code padding nibbles and all-zero blocks hold.
+    """
+
+    name: str
+    code: np.ndarray
+    order: np.ndarray
+    midpoints: np.ndarray
+    zero_index: int
+
+    def nearest(self, scaled: np.ndarray) -> np.ndarray:
+        """Code (uint8) of the table value nearest each of `scaled`."""
+        return self.order[np.searchsorted(self.midpoints, scaled)]
+
+
+def _format(name, code, order, zero_index) -> FourBitFormat:
+    ordered = code[order]
+    mids = ((ordered[:-1] + ordered[1:]) / np.float32(2)).astype(np.float32)
+    mids.setflags(write=False)
+    return FourBitFormat(name, code, order, mids, zero_index)
+
+
+_IDENTITY = np.arange(16, dtype=np.uint8)
+_IDENTITY.setflags(write=False)
+FOUR_BIT_FORMATS = {
+    "nf4": _format("nf4", NF4_CODE, _IDENTITY, NF4_ZERO_INDEX),
+    "fp4": _format("fp4", FP4_CODE, FP4_ORDER, 0),
+}
+
+# float32(1 / 127) as bitsandbytes writes it: an int8 code dequantizes to
+# (code * row_scale) * INT8_INV_MAX, two float32 multiplies.
+INT8_INV_MAX = np.float32(7.874015718698502e-3)
 
 
 def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:

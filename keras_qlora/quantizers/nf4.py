@@ -1,8 +1,9 @@
-"""NF4 quantization of 2-D kernels, vectorized in numpy.
+"""4-bit (NF4 and FP4) quantization of 2-D kernels, vectorized in numpy.
 
 `quantize_nf4` turns a Keras kernel `[K, N]` into an `NF4State` whose bytes
 equal bitsandbytes' `quantize_4bit(W.T, blocksize, compress_statistics=True,
-quant_type="nf4")` when `scale_search=False`; `dequantize_nf4` inverts it.
+quant_type="nf4")` when `scale_search=False`; `quantize_4bit(...,
+quant_type="fp4")` does the same for FP4; `dequantize_nf4` inverts either.
 """
 
 from typing import Any
@@ -14,6 +15,7 @@ from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
 from keras_qlora.quantizers.state import NF4State
 from keras_qlora.quantizers.state import check_block_size
 from keras_qlora.quantizers.state import check_flag
+from keras_qlora.quantizers.state import check_quant_type
 from keras_qlora.quantizers.state import dequantize_absmax
 from keras_qlora.quantizers.state import num_blocks
 
@@ -27,15 +29,18 @@ _CHUNK_ELEMENTS = 1 << 21
 _TINY = np.float32(1e-38)
 
 
-def pack_nibbles(indices: np.ndarray) -> np.ndarray:
+def pack_nibbles(
+    indices: np.ndarray, pad_index: int = codes.NF4_ZERO_INDEX
+) -> np.ndarray:
     """Packs 4-bit indices two per byte, first element in the high nibble.
 
     Args:
         indices: 1-D integer array with values in [0, 15].
+        pad_index: the code an odd tail is padded with: the format's 0.0
+            (NF4: 7, FP4: 0), as bitsandbytes does.
 
     Returns:
-        uint8 array of `ceil(len / 2)` bytes; an odd tail is padded with the
-        index of 0.0 (7), as bitsandbytes does.
+        uint8 array of `ceil(len / 2)` bytes.
     """
     idx = np.asarray(indices, dtype=np.uint8).reshape(-1)
     if idx.size and idx.max() > 15:
@@ -43,7 +48,7 @@ def pack_nibbles(indices: np.ndarray) -> np.ndarray:
             f"pack_nibbles expects values in [0, 15]. Received max={idx.max()}"
         )
     if idx.size % 2:
-        idx = np.concatenate([idx, np.array([codes.NF4_ZERO_INDEX], np.uint8)])
+        idx = np.concatenate([idx, np.array([pad_index], np.uint8)])
     return ((idx[0::2] << 4) | idx[1::2]).astype(np.uint8)
 
 
@@ -92,6 +97,37 @@ def quantize_nf4(
     >>> dequantize_nf4(state).shape
     (128, 64)
     """
+    return quantize_4bit(
+        kernel_2d, "nf4", block_size, double_quant, scale_search
+    )
+
+
+def quantize_4bit(
+    kernel_2d: Any,
+    quant_type: str = "nf4",
+    block_size: int = 64,
+    double_quant: bool = True,
+    scale_search: bool = True,
+) -> NF4State:
+    """Quantizes a Keras kernel `[K, N]` to NF4 or FP4 (`quant_type`).
+
+    The same blocks, double quantization and scale search for both; only
+    the code table differs. With `scale_search=False` the bytes equal
+    bitsandbytes' `quantize_4bit(W.T, quant_type=quant_type)`.
+
+    Args:
+        kernel_2d: as `quantize_nf4`.
+        quant_type: "nf4" or "fp4".
+        block_size, double_quant, scale_search: as `quantize_nf4`.
+
+    Returns:
+        An `NF4State` with that `quant_type`.
+
+    Raises:
+        ValueError / TypeError: as `quantize_nf4`; a `quant_type` other
+            than "nf4" or "fp4".
+    """
+    fmt = four_bit_format(quant_type)
     block_size = check_block_size(block_size)
     double_quant = check_flag(double_quant, "double_quant")
     scale_search = check_flag(scale_search, "scale_search")
@@ -107,7 +143,7 @@ def quantize_nf4(
     absmax = np.abs(w).max(axis=1)
     if flat_tail(k * n, block_size) and absmax[-1] == 0:
         absmax[-1] = _TINY  # bitsandbytes' clamp on a partial last block
-    scales = _search_scales(w, absmax) if scale_search else absmax
+    scales = _search_scales(w, absmax, fmt) if scale_search else absmax
     if double_quant:
         q, scale2, offset = double_quantize_absmax(scales)
         stored = q
@@ -117,14 +153,14 @@ def quantize_nf4(
         stored = effective = scales
     # bitsandbytes rounds against the unquantized absmax; with scale search
     # we round against the scale dequantization will really use.
-    indices = _nearest_indices(w, effective if scale_search else scales)
+    indices = _nearest_indices(w, effective if scale_search else scales, fmt)
     tail = flat_tail(k * n, block_size)
     if tail and not scale_search:
         # bitsandbytes divides the partial last block by its absmax instead
         # of multiplying by the reciprocal; the last bit can differ.
         last = w[-1, :tail] / scales[-1]
-        indices[-1, :tail] = np.searchsorted(codes.NF4_MIDPOINTS, last)
-    packed = pack_nibbles(indices.reshape(-1)[: k * n])
+        indices[-1, :tail] = fmt.nearest(last)
+    packed = pack_nibbles(indices.reshape(-1)[: k * n], fmt.zero_index)
     return NF4State(
         packed=packed,
         absmax=stored,
@@ -132,23 +168,41 @@ def quantize_nf4(
         block_size=block_size,
         absmax_scale=scale2,
         absmax_offset=offset,
+        quant_type=quant_type,
     )
 
 
-def dequantize_nf4(state: NF4State) -> np.ndarray:
-    """Returns the float32 kernel `[K, N]` that `state` represents.
+def four_bit_format(quant_type: Any) -> codes.FourBitFormat:
+    """The table of a 4-bit `quant_type` ("nf4" or "fp4").
 
-    Every element is `NF4_CODE[index] * block_scale`, one float32 multiply,
-    exactly as bitsandbytes computes it.
+    Raises:
+        TypeError / ValueError: not a known base format, or "int8".
+    """
+    check_quant_type(quant_type)
+    if quant_type not in codes.FOUR_BIT_FORMATS:
+        raise ValueError(
+            "quant_type must be a 4-bit format, one of "
+            f"{tuple(codes.FOUR_BIT_FORMATS)}, here. Received: "
+            f"quant_type={quant_type!r}"
+        )
+    return codes.FOUR_BIT_FORMATS[quant_type]
+
+
+def dequantize_nf4(state: NF4State) -> np.ndarray:
+    """Returns the float32 kernel `[K, N]` that a 4-bit `state` represents.
+
+    Every element is `code[index] * block_scale` (the NF4 or FP4 table),
+    one float32 multiply, exactly as bitsandbytes computes it.
     """
     if not isinstance(state, NF4State):
         raise TypeError(
             f"dequantize_nf4 expects an NF4State. Received: {type(state)}"
         )
+    table = four_bit_format(state.quant_type).code
     k, n = state.shape
     blocks, bs = state.num_blocks, state.block_size
     values = np.zeros(blocks * bs, dtype=np.float32)
-    values[: k * n] = codes.NF4_CODE[unpack_nibbles(state.packed, k * n)]
+    values[: k * n] = table[unpack_nibbles(state.packed, k * n)]
     values = values.reshape(blocks, bs) * state.block_absmax()[:, None]
     return np.ascontiguousarray(values.reshape(-1)[: k * n].reshape(n, k).T)
 
@@ -225,8 +279,9 @@ def as_float_matrix(kernel_2d: Any) -> np.ndarray:
     return arr
 
 
-def _nearest_indices(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """NF4 index of every element of `w` [blocks, bs] under block `scale`."""
+def _nearest_indices(w: np.ndarray, scale: np.ndarray, fmt) -> np.ndarray:
+    """4-bit code of every element of `w` [blocks, bs] under block `scale`
+    (`fmt`: a `codes.FourBitFormat`)."""
     out = np.empty(w.shape, dtype=np.uint8)
     rows = max(1, _CHUNK_ELEMENTS // w.shape[1])
     for start in range(0, w.shape[0], rows):
@@ -235,15 +290,15 @@ def _nearest_indices(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
         inv = np.float32(1) / np.maximum(s, _TINY)
         # No clip to [-1, 1] needed: every midpoint lies inside it, so
         # values beyond it already land on index 0 or 15.
-        idx = np.searchsorted(codes.NF4_MIDPOINTS, w[sl] * inv[:, None])
+        idx = fmt.nearest(w[sl] * inv[:, None])
         # A non-positive scale (possible only after double quant of a block
         # that is almost zero) must not flip signs: store zeros there.
-        idx[s <= 0] = codes.NF4_ZERO_INDEX
+        idx[s <= 0] = fmt.zero_index
         out[sl] = idx
     return out
 
 
-def _search_scales(w: np.ndarray, absmax: np.ndarray) -> np.ndarray:
+def _search_scales(w: np.ndarray, absmax: np.ndarray, fmt) -> np.ndarray:
     """Per-block scale from `SCALE_SEARCH_GRID * absmax` with least SSE."""
     best = absmax.copy()
     rows = max(1, _CHUNK_ELEMENTS // w.shape[1])
@@ -253,8 +308,8 @@ def _search_scales(w: np.ndarray, absmax: np.ndarray) -> np.ndarray:
         best_err = np.full(am.shape, np.inf, dtype=np.float64)
         for frac in SCALE_SEARCH_GRID:
             s = (am * frac).astype(np.float32)
-            idx = _nearest_indices(wc, s)
-            err = _block_sse(wc - codes.NF4_CODE[idx] * s[:, None])
+            idx = _nearest_indices(wc, s, fmt)
+            err = _block_sse(wc - fmt.code[idx] * s[:, None])
             # Strict `<`: on equal error the earlier candidate (larger
             # scale, 1.0 first) wins.
             better = err < best_err

@@ -12,6 +12,10 @@ import numpy as np
 from keras_qlora.quantizers import codes
 
 ALLOWED_BLOCK_SIZES = (32, 64, 128, 256)
+# The base formats of a frozen weight: NormalFloat-4 and bitsandbytes' FP4
+# (4-bit codes in blocks), and int8 with one absmax scale per output
+# (bitsandbytes' LLM.int8() weight, `Int8Params`).
+QUANT_TYPES = ("nf4", "fp4", "int8")
 # Double quantization quantizes the per-block absmax values in blocks of 256.
 NESTED_BLOCK_SIZE = 256
 
@@ -31,6 +35,21 @@ def check_block_size(block_size: Any, name: str = "block_size") -> int:
     if int(block_size) not in ALLOWED_BLOCK_SIZES:
         raise ValueError(f"{allowed}Received: {name}={block_size!r}")
     return int(block_size)
+
+
+def check_quant_type(quant_type: Any, name: str = "quant_type") -> str:
+    """Returns `quant_type`, the one check of a base format's name.
+
+    Raises:
+        TypeError: not a string.
+        ValueError: not one of `QUANT_TYPES`.
+    """
+    allowed = f"{name} must be one of {QUANT_TYPES}. "
+    if not isinstance(quant_type, str):
+        raise TypeError(f"{allowed}Received: {name}={quant_type!r}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"{allowed}Received: {name}={quant_type!r}")
+    return quant_type
 
 
 def check_flag(value: Any, name: str) -> bool:
@@ -54,23 +73,30 @@ def num_blocks(num_elements: int, block_size: int) -> int:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class NF4State:
-    """A kernel quantized to NormalFloat-4.
+    """A quantized kernel: NF4 (the default), FP4 or int8.
 
     The logical kernel is the Keras layout `[K, N]` (inputs, outputs). The
     bytes follow bitsandbytes: the transposed matrix `[N, K]` is flattened
-    row-major, cut into blocks of `block_size`, and each element is stored as
-    a 4-bit index into `codes.NF4_CODE`, two per byte, first element in the
-    high nibble.
+    row-major. For "nf4" and "fp4" it is cut into blocks of `block_size`
+    and each element is stored as a 4-bit index into the format's table
+    (`codes.NF4_CODE`, `codes.FP4_CODE`), two per byte, first element in
+    the high nibble. For "int8" each element is one signed byte (stored as
+    its uint8 bit pattern) and each row of `[N, K]` (one output) has one
+    float32 scale, its absmax: a block is a row, so `block_size == K`.
 
     Attributes:
-        packed: uint8 array of `ceil(K * N / 2)` bytes.
+        packed: uint8 array of `ceil(K * N / 2)` bytes (4-bit formats) or
+            `K * N` bytes (int8).
         absmax: per-block scales. float32 when `double_quant` is off; uint8
-            codes into `codes.dynamic_map()` when it is on.
+            codes into `codes.dynamic_map()` when it is on. int8: float32
+            `[N]` (bitsandbytes' `SCB`).
         shape: the logical kernel shape `(K, N)`.
-        block_size: elements per block, one of 32, 64, 128, 256.
+        block_size: elements per block, one of 32, 64, 128, 256; K for
+            int8.
         absmax_scale: float32 scale per 256 blocks (double quant only).
         absmax_offset: float32 offset added back to every block scale
             (double quant only).
+        quant_type: the base format, one of `QUANT_TYPES`.
     """
 
     packed: np.ndarray
@@ -79,10 +105,15 @@ class NF4State:
     block_size: int = 64
     absmax_scale: np.ndarray | None = None
     absmax_offset: float | None = None
+    quant_type: str = "nf4"
 
     def __post_init__(self):
         shape = _check_shape(self.shape)
         object.__setattr__(self, "shape", shape)
+        quant_type = check_quant_type(self.quant_type, "NF4State quant_type")
+        if quant_type == "int8":
+            self._check_int8(shape)
+            return
         block_size = check_block_size(self.block_size)
         n = shape[0] * shape[1]
         blocks = num_blocks(n, block_size)
@@ -117,6 +148,26 @@ class NF4State:
                 offset = np.float32(offset)
             _check_finite("absmax_offset", offset)
             object.__setattr__(self, "absmax_offset", float(offset))
+
+    def _check_int8(self, shape):
+        k, n = shape
+        if isinstance(self.block_size, bool) or self.block_size != k:
+            raise ValueError(
+                "NF4State with quant_type='int8' has one scale per output "
+                f"(a block is a row of K={k}), so block_size must be {k}. "
+                f"Received: block_size={self.block_size!r}"
+            )
+        object.__setattr__(self, "block_size", k)
+        if self.absmax_scale is not None or self.absmax_offset is not None:
+            raise ValueError(
+                "NF4State with quant_type='int8' has no double quantization: "
+                "absmax_scale and absmax_offset must be None. Received: "
+                f"absmax_scale={_describe(self.absmax_scale)}, "
+                f"absmax_offset={self.absmax_offset!r}"
+            )
+        _check_array("packed", self.packed, np.uint8, (k * n,))
+        _check_array("absmax", self.absmax, np.float32, (n,))
+        _check_finite("absmax", self.absmax)
 
     @property
     def double_quant(self) -> bool:
@@ -161,6 +212,8 @@ class NF4State:
         if self.double_quant:
             out["absmax_scale"] = self.absmax_scale
             out["absmax_offset"] = self.absmax_offset
+        if self.quant_type != "nf4":
+            out["quant_type"] = self.quant_type
         return out
 
     @classmethod
@@ -187,6 +240,7 @@ class NF4State:
                 else np.asarray(config["absmax_scale"])
             ),
             absmax_offset=config.get("absmax_offset"),
+            quant_type=config.get("quant_type", "nf4"),
         )
 
 

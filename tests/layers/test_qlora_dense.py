@@ -301,7 +301,7 @@ def test_set_nf4_state_checks_the_state():
     wrong_shape = quantize_nf4(random((K, N + 1), 1))
     with pytest.raises(
         ValueError,
-        match=r"Layer 'proj' holds .*\(\(24, 10\), 64, True\).*"
+        match=r"Layer 'proj' holds .*\(\(24, 10\), 64, True, 'nf4'\).*"
         r"\(\(24, 11\), 64, True\)",
     ):
         layer.set_nf4_state(wrong_shape)
