@@ -30,11 +30,20 @@ SHAPES = [
     (4096, 4096),
 ]
 # The other formats: fp4 runs nf4's kernels with its own table (the same
-# shape classes, fewer of each); int8 runs the reference kernel for every
-# plan, with K any length (70, 300, 1000: not a power of two).
+# shape classes, fewer of each); int8 (K any length) runs the tensor-core
+# kernel when K % 16 == 0 (64, 240, 1008, 4096) and the reference kernel
+# otherwise (70, 300, 33), never GEMV.
 FORMAT_SHAPES = {
     "fp4": [(64, 64), (96, 40), (33, 17), (1024, 300), (256, 200), (2048, 700)],
-    "int8": [(70, 24), (300, 40), (33, 17), (64, 64), (1000, 130), (4096, 48)],
+    "int8": [
+        (70, 24),
+        (300, 40),
+        (33, 17),
+        (64, 64),
+        (240, 72),
+        (1008, 130),
+        (4096, 48),
+    ],
 }
 ROWS = [1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 65, 130, 512]
 BLOCKS = [64, 32, 128, 256]

@@ -48,10 +48,14 @@ CASES = [
     (17, 256, 24, 256, True, False, "float32", "mma", True, True, "nf4"),
     (2, 33, 17, 64, True, False, "float32", "reference", True, False, "nf4"),
     (3, 40, 24, 32, True, True, "bfloat16", "reference", True, False, "nf4"),
-    # fp4 (nf4's kernels, its own table) and int8 (the reference kernel).
+    # fp4 (nf4's kernels, its own table); int8 on the reference kernel
+    # (K % 16 != 0) and on the tensor-core kernel (split-K, and transposed).
     (3, 512, 40, 64, True, False, "bfloat16", "gemv", True, False, "fp4"),
     (20, 96, 40, 32, False, True, "float32", "mma", True, False, "fp4"),
     (5, 70, 24, 70, False, True, "float16", "auto", True, False, "int8"),
+    (20, 1008, 72, 1008, False, False, "bfloat16", "auto", True, False)
+    + ("int8",),
+    (17, 240, 40, 240, False, True, "float32", "mma", True, False, "int8"),
 ]
 SANITIZER_OPTIONS = {
     "thread": ("TSAN_OPTIONS", "halt_on_error=1 report_signal_unsafe=0"),

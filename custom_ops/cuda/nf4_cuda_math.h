@@ -56,6 +56,11 @@ KQ_HD int CodeOf(uint32_t word, int e) {
   return static_cast<int>((word >> NibbleShift(e)) & 15u);
 }
 
+// Signed int8 code b (0..3) of a little-endian 32-bit word of int8 bytes.
+KQ_HD int Int8CodeOf(uint32_t word, int b) {
+  return static_cast<int8_t>(static_cast<uint8_t>(word >> (8 * b)));
+}
+
 // Flat index of W^T[n, k] (also the nibble index into `packed`).
 KQ_HD int64_t FlatIndex(int64_t n, int64_t k, int64_t kdim) {
   return n * kdim + k;

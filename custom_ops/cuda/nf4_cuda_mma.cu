@@ -11,6 +11,13 @@
 // come from W^T rows indexed by the reduction, and are stored transposed.
 // Split-K (gridDim.y) writes partial sums that the finalize kernel adds in
 // order.
+//
+// I8 (int8 weights): the same tiles; a unit's 16 codes are 16 bytes (one
+// 16-byte load), its scale the W^T row's, and each element is decoded as
+// nf4::Int8Value (two unfused float32 multiplies) before the rounding to
+// the operand type.
+
+#include <type_traits>
 
 #include "nf4_cuda_device.cuh"
 #include "nf4_cuda_kernels.h"
@@ -19,8 +26,9 @@ namespace keras_qlora {
 namespace nf4_cuda {
 namespace {
 
-// Registers holding one k-step of a thread's global loads.
-template <typename T, typename C>
+// Registers holding one k-step of a thread's global loads: x vectors, and
+// W units (8 bytes of 4-bit codes, or 16 int8 bytes with I8) with scales.
+template <typename T, typename C, bool I8>
 struct Stage {
   static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   static constexpr int kXItems = C::kBM * C::kBK / kVec;
@@ -28,16 +36,16 @@ struct Stage {
   static constexpr int kXPer = (kXItems + kMmaThreads - 1) / kMmaThreads;
   static constexpr int kWPer = (kWItems + kMmaThreads - 1) / kMmaThreads;
   uint4 x[kXPer];
-  uint2 w[kWPer];
+  typename std::conditional<I8, uint4, uint2>::type w[kWPer];
   float scale[kWPer];
 };
 
-template <typename T, typename C>
+template <typename T, typename C, bool I8>
 __device__ __forceinline__ void LoadStage(const Nf4Args& a, bool x_vec,
                                           int64_t m0, int64_t o0, int64_t r0,
                                           const SharedTables& tables,
-                                          float offset, Stage<T, C>* s) {
-  using S = Stage<T, C>;
+                                          float offset, Stage<T, C, I8>* s) {
+  using S = Stage<T, C, I8>;
   using Bits = typename Operand<T>::Bits;
   const int64_t red = a.red();
   const T* x = static_cast<const T*>(a.x);
@@ -64,7 +72,7 @@ __device__ __forceinline__ void LoadStage(const Nf4Args& a, bool x_vec,
 #pragma unroll
   for (int it = 0; it < S::kWPer; ++it) {
     const int i = threadIdx.x + it * kMmaThreads;
-    s->w[it] = make_uint2(0, 0);
+    s->w[it] = {};
     s->scale[it] = 0.0f;
     if (i >= S::kWItems) continue;
     int64_t n, k;
@@ -81,16 +89,34 @@ __device__ __forceinline__ void LoadStage(const Nf4Args& a, bool x_vec,
     }
     if (n >= a.n || k >= a.k) continue;  // k % 16 == 0: whole unit
     const int64_t flat = FlatIndex(n, k, a.k);
-    s->w[it] = __ldg(reinterpret_cast<const uint2*>(a.packed) + (flat >> 4));
-    s->scale[it] = LoadScale(a, flat >> a.block_shift, tables, offset);
+    if constexpr (I8) {
+      s->w[it] = __ldg(reinterpret_cast<const uint4*>(a.packed) + (flat >> 4));
+      s->scale[it] = __ldg(a.absmax_f32 + n);
+    } else {
+      s->w[it] =
+          __ldg(reinterpret_cast<const uint2*>(a.packed) + (flat >> 4));
+      s->scale[it] = LoadScale(a, flat >> a.block_shift, tables, offset);
+    }
   }
 }
 
-template <typename T, typename C>
+// The value of code e (0..15) of a staged W unit: the 4-bit format's table
+// value times the block scale, or the int8 element (nf4::Int8Value).
+__device__ __forceinline__ float UnitValue(const uint2& w, int e, float scale,
+                                           const SharedTables& tables) {
+  return MulRn(tables.code[CodeOf(e < 8 ? w.x : w.y, e & 7)], scale);
+}
+
+__device__ __forceinline__ float UnitValue(const uint4& w, int e, float scale,
+                                           const SharedTables&) {
+  return nf4::Int8Value(Int8CodeOf(Word(w, e >> 2), e & 3), scale);
+}
+
+template <typename T, typename C, bool I8>
 __device__ __forceinline__ void StoreStage(
-    const Nf4Args& a, const Stage<T, C>& s, const SharedTables& tables,
+    const Nf4Args& a, const Stage<T, C, I8>& s, const SharedTables& tables,
     typename Operand<T>::Bits* as, typename Operand<T>::Bits* bs) {
-  using S = Stage<T, C>;
+  using S = Stage<T, C, I8>;
   using Op = Operand<T>;
   using Bits = typename Op::Bits;
 #pragma unroll
@@ -112,11 +138,8 @@ __device__ __forceinline__ void StoreStage(
     if (i >= S::kWItems) continue;
     Bits v[kGemvUnit];
 #pragma unroll
-    for (int e = 0; e < kGemvUnit; ++e) {
-      const uint32_t word = e < 8 ? s.w[it].x : s.w[it].y;
-      v[e] = Op::FromFloat(MulRn(tables.code[CodeOf(word, e & 7)],
-                                 s.scale[it]));
-    }
+    for (int e = 0; e < kGemvUnit; ++e)
+      v[e] = Op::FromFloat(UnitValue(s.w[it], e, s.scale[it], tables));
     if (a.transpose) {
       int j, u;
       WItemTransposed<C>(i, &j, &u);
@@ -173,7 +196,7 @@ __device__ __forceinline__ void ComputeStage(
 
 // Two blocks per SM (16 warps) to hide the global loads: the 128-row tile
 // then fits 128 registers (ptxas: 8 bytes of spill on sm_90).
-template <typename T, typename C>
+template <typename T, typename C, bool I8>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     MmaKernel(Nf4Args a, int64_t tiles_o, bool x_vec) {
   using Bits = typename Operand<T>::Bits;
@@ -192,19 +215,20 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
              &kt_begin, &kt_end);
 
   float acc[C::kMI][C::kNI][4] = {};
-  Stage<T, C> stage;
-  LoadStage<T, C>(a, x_vec, m0, o0, kt_begin * C::kBK, tables, offset,
-                  &stage);
-  StoreStage<T, C>(a, stage, tables, as[0], bs[0]);
+  Stage<T, C, I8> stage;
+  LoadStage<T, C, I8>(a, x_vec, m0, o0, kt_begin * C::kBK, tables, offset,
+                      &stage);
+  StoreStage<T, C, I8>(a, stage, tables, as[0], bs[0]);
   __syncthreads();
   for (int64_t kt = kt_begin; kt < kt_end; ++kt) {
     const int buf = static_cast<int>((kt - kt_begin) & 1);
     const bool more = kt + 1 < kt_end;
     if (more)  // in flight during this step's mma
-      LoadStage<T, C>(a, x_vec, m0, o0, (kt + 1) * C::kBK, tables, offset,
-                      &stage);
+      LoadStage<T, C, I8>(a, x_vec, m0, o0, (kt + 1) * C::kBK, tables,
+                          offset, &stage);
     ComputeStage<T, C>(as[buf], bs[buf], wm, wn, lane, acc);
-    if (more) StoreStage<T, C>(a, stage, tables, as[buf ^ 1], bs[buf ^ 1]);
+    if (more)
+      StoreStage<T, C, I8>(a, stage, tables, as[buf ^ 1], bs[buf ^ 1]);
     __syncthreads();
   }
 
@@ -231,7 +255,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   }
 }
 
-template <typename T, int BM>
+template <typename T, int BM, bool I8>
 cudaError_t Launch(const Nf4Args& a, bool x_vec, cudaStream_t stream) {
   using C = MmaConfig<BM, Act<T>::kDtype == KQ_NF4_F32>;
   const int64_t tiles_o = CeilDiv(a.out(), C::kBN);
@@ -240,15 +264,21 @@ cudaError_t Launch(const Nf4Args& a, bool x_vec, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(blocks),
                   static_cast<unsigned>(a.plan.splits));
   KQ_LAUNCH(grid, kMmaThreads, stream,
-            MmaKernel<T, C>)(a, tiles_o, x_vec);
+            MmaKernel<T, C, I8>)(a, tiles_o, x_vec);
   return cudaGetLastError();
+}
+
+template <typename T, bool I8>
+cudaError_t DispatchTile(const Nf4Args& a, bool x_vec, cudaStream_t stream) {
+  if (a.plan.variant == 16) return Launch<T, 16, I8>(a, x_vec, stream);
+  if (a.plan.variant == 64) return Launch<T, 64, I8>(a, x_vec, stream);
+  return Launch<T, 128, I8>(a, x_vec, stream);
 }
 
 template <typename T>
 cudaError_t Dispatch(const Nf4Args& a, bool x_vec, cudaStream_t stream) {
-  if (a.plan.variant == 16) return Launch<T, 16>(a, x_vec, stream);
-  if (a.plan.variant == 64) return Launch<T, 64>(a, x_vec, stream);
-  return Launch<T, 128>(a, x_vec, stream);
+  return a.int8() ? DispatchTile<T, true>(a, x_vec, stream)
+                  : DispatchTile<T, false>(a, x_vec, stream);
 }
 
 }  // namespace

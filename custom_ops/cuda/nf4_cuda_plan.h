@@ -17,10 +17,11 @@
 // above, which differ only in the 16-entry code table each block copies
 // into shared memory (nf4_cuda_device.cuh, LoadTables). int8 (one byte per
 // element, one float32 scale per W^T row, block_size == K for any K >= 1)
-// runs the REFERENCE kernel for every dtype, product and M, forced algos
-// included: the GEMV and MMA kernels decode 4-bit units (8 or 16 bytes of
-// 16 or 32 codes within one power-of-two block) and do not read int8.
-// Correct everywhere, not fast; int8 GEMV / MMA variants are future work.
+// has no GEMV kernel (the GEMV kernels decode 4-bit chunks of 16 or 32
+// codes): it runs MMA (the I8 instantiation: 16-byte units of 16 int8
+// codes) at every M when tensor cores are allowed and K % 16 == 0, and
+// REFERENCE otherwise (exact float32, K % 16 != 0, a forced GEMV, a
+// misaligned `packed`).
 
 #ifndef KERAS_QLORA_CUSTOM_OPS_CUDA_NF4_CUDA_PLAN_H_
 #define KERAS_QLORA_CUSTOM_OPS_CUDA_NF4_CUDA_PLAN_H_
@@ -248,15 +249,28 @@ inline bool ValidateProblem(const Problem& p, int algo, int sm_count,
   return false;
 }
 
+// int8: MMA when tensor cores are allowed and its shape holds (any M, any
+// algo but a forced REFERENCE), else REFERENCE.
+inline Plan MakeInt8Plan(const Problem& p, int algo, bool exact_f32,
+                         int sm_count) {
+  Plan plan;
+  if (algo != KQ_NF4_ALGO_REFERENCE && !exact_f32 && MmaShapeOk(p)) {
+    PlanMma(p, sm_count, &plan);
+    if (plan.splits > 1)
+      plan.workspace_bytes = plan.splits * p.m * p.out() * 4;
+  }
+  return plan;
+}
+
 // The plan for a validated problem. A forced fast kernel whose shape
-// preconditions fail becomes REFERENCE, as does every int8 problem (see
-// the top of this file); float32 without allow_tf32 never uses tensor
-// cores (MMA becomes GEMV).
+// preconditions fail becomes REFERENCE; float32 without allow_tf32 never
+// uses tensor cores (MMA becomes GEMV); int8 is MakeInt8Plan's.
 inline Plan MakePlan(const Problem& p, int algo, bool allow_tf32,
                      int sm_count) {
   Plan plan;
-  if (p.m == 0 || p.int8()) return plan;
+  if (p.m == 0) return plan;
   const bool exact_f32 = p.x_dtype == KQ_NF4_F32 && !allow_tf32;
+  if (p.int8()) return MakeInt8Plan(p, algo, exact_f32, sm_count);
   if (algo == KQ_NF4_ALGO_AUTO) {
     const int64_t gemv_rows =
         p.transpose ? kGemvTransposeMaxRows : kGemvForwardMaxRows;
@@ -283,8 +297,9 @@ inline bool Aligned(const void* p, uintptr_t bytes) {
 }
 
 // The fast kernels' pointer alignment needs (16-byte x and W^T chunks for
-// the forward GEMV, 8-byte W units otherwise); a plan whose needs fail runs
-// the reference kernel (which needs no workspace) instead. Sets *x_vec when
+// the forward GEMV, 16-byte int8 W units, 8-byte 4-bit W units otherwise);
+// a plan whose needs fail runs the reference kernel (which needs no
+// workspace) instead. Sets *x_vec when
 // the MMA kernel may read x rows as 16-byte vectors.
 inline Plan FitAlignment(const Problem& p, const void* x,
                          const uint8_t* packed, Plan plan, bool* x_vec) {
@@ -295,7 +310,7 @@ inline Plan FitAlignment(const Problem& p, const void* x,
     ok = p.transpose ? Aligned(packed, 8)
                      : Aligned(packed, 16) && Aligned(x, 16);
   } else if (plan.algo == KQ_NF4_ALGO_MMA) {
-    ok = Aligned(packed, 8);
+    ok = Aligned(packed, p.int8() ? 16 : 8);
   }
   return ok ? plan : Plan();
 }

@@ -2,7 +2,9 @@
 
 fp4 runs nf4's kernels with its own code table (every kernel family); int8
 (one byte per element, one float32 scale per W^T row, block_size == K for
-any K) runs the reference kernel for every plan (nf4_cuda_plan.h). Checked
+any K) runs the tensor-core kernel's int8 instantiation when TF32 / 16-bit
+tensor cores are allowed and K % 16 == 0, else the reference kernel; it
+has no GEMV kernel (nf4_cuda_plan.h). Checked
 here through the C ABI's planner and argument checks, and on the CPU
 emulator against a float64 reference; test_cuda_sim.py runs the kernels'
 own source on the CPU simulator for every format. Skips without nvcc, as
@@ -31,23 +33,31 @@ from test_cuda_build import op_library_path  # noqa: F401 (a fixture)
 # ---------------------------------------------------------------- plan
 
 
+def _int8_algo(k, dtype, algo, tf32=1):
+    """What the planner runs for int8 (see nf4_cuda_plan.h)."""
+    exact_f32 = dtype == "float32" and not tf32
+    if algo == REFERENCE or exact_f32 or k % 16:
+        return REFERENCE
+    return MMA
+
+
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("transpose", [0, 1])
 @pytest.mark.parametrize("algo", [0, REFERENCE, GEMV, MMA])
-def test_int8_plans_the_reference_kernel_for_every_case(
-    abi, dtype, transpose, algo
+@pytest.mark.parametrize("tf32", [1, 0])
+def test_int8_plans_mma_or_the_reference_kernel(
+    abi, dtype, transpose, algo, tf32
 ):
     for m in (1, 4, 9, 64, 512):
-        for k, n in ((4096, 4096), (70, 24), (300, 11008)):
+        for k, n in ((4096, 4096), (70, 24), (300, 11008), (240, 64)):
             rc, plan, err = _plan(
-                abi[0], m, k, n, dtype, transpose, algo, block=k, quant="int8"
+                abi[0], m, k, n, dtype, transpose, algo, tf32, k, quant="int8"
             )
             assert rc == 0, err
-            assert (plan.algo, plan.splits, plan.workspace_bytes) == (
-                REFERENCE,
-                1,
-                0,
-            )
+            assert plan.algo == _int8_algo(k, dtype, algo, tf32), (m, k, n)
+            out = k if transpose else n
+            ws = plan.splits * m * out * 4 if plan.splits > 1 else 0
+            assert plan.workspace_bytes == ws
 
 
 def test_fp4_plans_like_nf4(abi):
@@ -105,14 +115,22 @@ FP4_CASES = [
     (70, 128, 131, 64, True, False, "float16", 0, MMA),  # partial tiles
     (130, 256, 200, 128, False, True, "bfloat16", 0, MMA),
 ]
-# int8: K not a power of two (70, 300) and odd (33); every algo request
-# runs the reference kernel.
+# int8: K not a power of two, a multiple of 16 (96, 240, 2000: the MMA
+# kernel, with partial tiles and split-K) or not (70, 300, 33: the
+# reference kernel); each algo request and both TF32 settings for float32.
 INT8_CASES = [
     (m, k, n, dtype, transpose, algo)
-    for (m, k, n) in ((1, 70, 24), (5, 300, 40), (33, 33, 17), (70, 300, 131))
+    for (m, k, n) in (
+        (1, 70, 24),
+        (5, 300, 40),
+        (33, 33, 17),
+        (3, 96, 40),
+        (70, 240, 131),
+        (16, 2000, 64),
+    )
     for dtype in sorted(DTYPES)
     for transpose in (False, True)
-    for algo in ((0, MMA) if m >= 33 else (0, GEMV))
+    for algo in (0, GEMV if m < 9 else MMA)
 ]
 
 
@@ -145,6 +163,32 @@ def test_emulated_int8_kernel_matches_a_float64_reference(emulator, case):
     plan, got, ref = _emulate(
         emulator, m, k, n, k, False, transpose, dtype, algo, quant="int8"
     )
-    assert plan.algo == REFERENCE
+    assert plan.algo == _int8_algo(k, dtype, algo)
     assert not np.isnan(got).any(), "an output element was never written"
-    assert _error(got, ref) < TOLERANCE[dtype], (m, k, n)
+    assert _error(got, ref) < TOLERANCE[dtype], (m, k, n, plan.splits)
+
+
+def test_emulated_int8_exact_fp32_runs_the_reference_kernel(emulator):
+    plan, got, ref = _emulate(
+        emulator, 40, 96, 40, 96, False, False, "float32", 0, 0, quant="int8"
+    )
+    assert plan.algo == REFERENCE
+    assert _error(got, ref) < TOLERANCE["float32"]
+
+
+def test_emulated_int8_mma_reads_misaligned_x_elementwise(emulator):
+    plan, got, ref = _emulate(
+        emulator,
+        40,
+        240,
+        40,
+        240,
+        False,
+        True,
+        "bfloat16",
+        MMA,
+        misalign_x=True,
+        quant="int8",
+    )
+    assert plan.algo == MMA
+    assert _error(got, ref) < TOLERANCE["bfloat16"]

@@ -32,6 +32,7 @@ DTYPES = ("float", "__nv_bfloat16", "__half")
 GEMV_FORWARD_ROWS = (1, 2, 4, 8)
 GEMV_TRANSPOSE_ROWS = (1, 2, 4)
 MMA_TILE_ROWS = (16, 64, 128)
+MMA_INT8 = ("false", "true")  # MmaKernel's I8: 4-bit or int8 weights
 
 STATIC_SMEM_LIMIT = 48 * 1024  # per block, without dynamic opt-in
 SM_SHARED = {80: 164 * 1024, 90: 228 * 1024}  # usable per SM
@@ -55,15 +56,17 @@ MMA_INSTRUCTION = {
     "__nv_bfloat16": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
     "__half": "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
 }
-# How each kernel reads the packed NF4 weights: 16-byte chunks of 32 codes
+# How each kernel reads the packed weights: 16-byte chunks of 32 codes
 # (forward GEMV), 8-byte units of 16 codes (transposed GEMV, MMA stages),
-# single bytes (reference kernel).
+# 16-byte units of 16 int8 codes (MMA with I8), single bytes (reference
+# kernel, 4-bit and int8).
 PACKED_LOADS = {
     "GemvForwardKernel": {"ld.global.nc.v4.u32"},
     "GemvTransposeKernel": {"ld.global.nc.v2.u32"},
     "MmaKernel": {"ld.global.nc.v2.u32"},
     "ReferenceKernel": {"ld.global.nc.u8"},
 }
+PACKED_LOADS_INT8_MMA = {"ld.global.nc.v4.u32"}
 
 
 def _forward_rows_per_warp(rows: int) -> int:
@@ -80,7 +83,8 @@ def _expected_names() -> set:
             names.add(f"GemvTransposeKernel<{t}, {mr}>")
         tf32 = "true" if t == "float" else "false"
         for bm in MMA_TILE_ROWS:
-            names.add(f"MmaKernel<{t}, MmaConfig<{bm}, {tf32}>>")
+            for i8 in MMA_INT8:
+                names.add(f"MmaKernel<{t}, MmaConfig<{bm}, {tf32}>, {i8}>")
         names.add(f"ReferenceKernel<{t}>")
         names.add(f"FinalizeKernel<{t}>")
     return names
@@ -88,6 +92,10 @@ def _expected_names() -> set:
 
 def _mma_rows(record) -> int:
     return int(inspect_ptx.split_name(record["template_args"][1])[1][0])
+
+
+def _mma_int8(record) -> bool:
+    return record["template_args"][2] == "true"
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +127,7 @@ def _where(record) -> str:
 
 def test_every_kernel_instantiation_is_compiled_for_each_arch(records):
     expected = _expected_names()
-    assert len(expected) == 3 * (4 + 3 + 3 + 2)
+    assert len(expected) == 3 * (4 + 3 + 3 * 2 + 2)
     for arch in ARCHS:
         found = {r["name"] for r in records if r["arch"] == arch}
         assert not expected - found, f"sm_{arch} lacks {expected - found}"
@@ -148,9 +156,10 @@ def test_every_global_load_is_traced_to_one_pointer(records):
 def test_packed_weights_are_read_with_the_intended_width(records, kernel):
     for r in _of(records, kernel):
         packed = r["ptx"]["loads_by_source"].get("packed", {})
-        assert set(packed) == PACKED_LOADS[kernel], (
-            f"{_where(r)} reads W with {packed}"
-        )
+        want = PACKED_LOADS[kernel]
+        if kernel == "MmaKernel" and _mma_int8(r):
+            want = PACKED_LOADS_INT8_MMA
+        assert set(packed) == want, f"{_where(r)} reads W with {packed}"
 
 
 def test_forward_gemv_reads_w_and_x_in_coalesced_128_bit_loads(records):
@@ -189,7 +198,7 @@ def _spill_free(records):
 
 def test_kernels_keep_accumulators_in_registers(records):
     checked = _spill_free(records)
-    assert len(checked) == (12 + 9 + 3 + 3 + 6) * len(ARCHS)
+    assert len(checked) == (12 + 9 + 3 + 3 + 6 * 2) * len(ARCHS)
     for r in checked:
         usage = (r["spill_stores"], r["spill_loads"], r["stack_frame"])
         assert usage == (0, 0, 0), f"{_where(r)}: spill st/ld, stack {usage}"
@@ -198,7 +207,7 @@ def test_kernels_keep_accumulators_in_registers(records):
 
 def test_mma_128_row_tile_spills_stay_within_budget(records):
     big = [r for r in _of(records, "MmaKernel") if _mma_rows(r) == 128]
-    assert len(big) == len(DTYPES) * len(ARCHS)
+    assert len(big) == len(DTYPES) * len(MMA_INT8) * len(ARCHS)
     for r in big:
         for key, limit in MMA_128_SPILL_BUDGET.items():
             assert r[key] <= limit, f"{_where(r)}: {key} {r[key]} > {limit}"

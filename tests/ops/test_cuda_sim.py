@@ -7,9 +7,10 @@ PTX ISA fragment tables). These tests run, through the C ABI:
 - the GPU harness's correctness part (`harness.py --simulate`: every kernel,
   dtype, both products, split-K, misaligned x, every base format (nf4;
   fp4, nf4's kernels with its own table; int8, K not a power of two, on
-  the reference kernel); float64 reference, NaN poisoned outputs, a second
-  run with the blocks and threads in reverse order, and the CPU emulator,
-  which must match the GEMV and reference kernels bit for bit);
+  the tensor-core and reference kernels); float64 reference, NaN poisoned
+  outputs, a second run with the blocks and threads in reverse order, and
+  the CPU emulator, which must match the GEMV and reference kernels bit for
+  bit);
 - a few cases under ThreadSanitizer (every CUDA thread an OS thread) and
   AddressSanitizer (`sim_check.py`);
 - broken copies of the kernels, to show that each of those checks catches
@@ -33,7 +34,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[2]
 GPU_DIR = REPO / "benchmarks" / "gpu"
 SOURCES = REPO / "custom_ops"
-SIM_CHECK_CASES = 11  # len(benchmarks/gpu/sim_check.py CASES)
+SIM_CHECK_CASES = 13  # len(benchmarks/gpu/sim_check.py CASES)
 
 
 def _gxx():
@@ -234,18 +235,34 @@ def test_fp4_read_with_the_nf4_table_is_caught(tmp_path):
     assert all(" ok (" in line for line in lines if "'fp4')" not in line)
 
 
-def test_int8_read_as_unsigned_is_caught(tmp_path):
-    """int8 codes are two's complement bytes: read as uint8, every negative
-    weight becomes a large positive one."""
-    cuda_dir = _broken_copy(
-        tmp_path,
-        "nf4_cuda_device.cuh",
-        "static_cast<int8_t>(__ldg(a.packed + flat))",
-        "static_cast<uint8_t>(__ldg(a.packed + flat))",
-    )
+@pytest.mark.parametrize(
+    "file, old, new, algo",
+    [
+        (
+            "nf4_cuda_device.cuh",
+            "static_cast<int8_t>(__ldg(a.packed + flat))",
+            "static_cast<uint8_t>(__ldg(a.packed + flat))",
+            "reference",
+        ),
+        (
+            "nf4_cuda_math.h",
+            "static_cast<int8_t>(static_cast<uint8_t>(word >> (8 * b)))",
+            "static_cast<uint8_t>(word >> (8 * b))",
+            "mma",
+        ),
+    ],
+    ids=["reference", "mma"],
+)
+def test_int8_read_as_unsigned_is_caught(tmp_path, file, old, new, algo):
+    """int8 codes are two's complement bytes: read as uint8 (by the
+    reference kernel, or by the tensor-core kernel's decoder), every
+    negative weight becomes a large positive one."""
+    cuda_dir = _broken_copy(tmp_path, file, old, new)
     rc, out = _sim_check(tmp_path, "none", cuda_dir)
     assert rc != 0 and "SIM CHECK: FAIL" in out, out[-3000:]
     lines = [line for line in out.splitlines() if line.startswith("(")]
-    int8 = [line for line in lines if "'int8')" in line]
-    assert int8 and all("error " in line for line in int8), out[-3000:]
-    assert all(" ok (" in line for line in lines if "'int8')" not in line)
+    broken = [
+        line for line in lines if "'int8')" in line and f" {algo}/" in line
+    ]
+    assert broken and all("error " in line for line in broken), out[-3000:]
+    assert all(" ok (" in line for line in lines if line not in broken)

@@ -1,6 +1,7 @@
 // CPU emulation of the tensor-core NF4 kernel (nf4_cuda_mma.cu): the same
 // configs, item mappings, operand rounding and fragment offsets, phase by
-// phase; mma.sync itself is emulated from the PTX ISA fragment tables.
+// phase, for 4-bit and int8 weights; mma.sync itself is emulated from the
+// PTX ISA fragment tables.
 
 #include <type_traits>
 
@@ -150,7 +151,7 @@ class MmaBlock {
  private:
   struct Stage {
     uint32_t x[kXPer][4];
-    uint32_t w[kWPer][2];
+    uint32_t w[kWPer][4];  // words 0..1 (4-bit) or 0..3 (int8) of a unit
     float scale[kWPer];
   };
 
@@ -184,15 +185,20 @@ class MmaBlock {
     }
     for (int it = 0; it < kWPer; ++it) {
       const int i = tid + it * kMmaThreads;
-      s.w[it][0] = s.w[it][1] = 0;
+      std::memset(s.w[it], 0, sizeof(s.w[it]));
       s.scale[it] = 0.0f;
       if (i >= kWItems) continue;
       int64_t n, k;
       UnitOf(i, r0, &n, &k);
       if (n >= a_.n || k >= a_.k) continue;
       const int64_t flat = FlatIndex(n, k, a_.k);
-      env_.PackedWords((flat >> 4) * 8, 2, s.w[it]);
-      s.scale[it] = env_.Scale(flat >> a_.block_shift);
+      if (a_.int8()) {  // 16 bytes, the row's scale
+        env_.PackedWords(flat, 4, s.w[it]);
+        s.scale[it] = env_.absmax_f32[n];
+      } else {
+        env_.PackedWords((flat >> 4) * 8, 2, s.w[it]);
+        s.scale[it] = env_.Scale(flat >> a_.block_shift);
+      }
     }
   }
 
@@ -231,10 +237,14 @@ class MmaBlock {
       const int i = tid + it * kMmaThreads;
       if (i >= kWItems) continue;
       for (int e = 0; e < kGemvUnit; ++e) {
-        const uint32_t word = e < 8 ? s.w[it][0] : s.w[it][1];
-        const Bits v = static_cast<Bits>(OperandFromFloat(
-            a_.x_dtype,
-            MulRn(env_.code[CodeOf(word, e & 7)], s.scale[it])));
+        const float value =
+            a_.int8()
+                ? nf4::Int8Value(Int8CodeOf(s.w[it][e >> 2], e & 3),
+                                 s.scale[it])
+                : MulRn(env_.code[CodeOf(s.w[it][e >> 3], e & 7)],
+                        s.scale[it]);
+        const Bits v =
+            static_cast<Bits>(OperandFromFloat(a_.x_dtype, value));
         if (a_.transpose) {
           int j, u;
           WItemTransposed<C>(i, &j, &u);
