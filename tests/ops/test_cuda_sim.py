@@ -207,9 +207,9 @@ def test_a_divergent_barrier_is_reported_not_hung(tmp_path):
     cuda_dir = _broken_copy(
         tmp_path,
         "nf4_cuda_mma.cu",
-        "    if (more) StoreStage<T, C>(a, stage, tables, as[buf ^ 1], "
+        "      StoreStage<T, C, I8>(a, stage, tables, as[buf ^ 1], "
         "bs[buf ^ 1]);\n    __syncthreads();",
-        "    if (more) StoreStage<T, C>(a, stage, tables, as[buf ^ 1], "
+        "      StoreStage<T, C, I8>(a, stage, tables, as[buf ^ 1], "
         "bs[buf ^ 1]);\n    if (warp != 0) __syncthreads();",
     )
     rc, out = _sim_check(tmp_path, "none", cuda_dir)
