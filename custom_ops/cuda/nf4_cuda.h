@@ -73,8 +73,8 @@ extern "C" {
 /* Kernel choice. AUTO picks by M (see nf4_cuda_plan.h); the others force
  * one kernel family (tests and the harness run each one on every shape).
  * A forced fast kernel whose preconditions do not hold (e.g. K % 16 != 0,
- * misaligned pointers) runs REFERENCE instead, and so does every int8
- * problem (nf4_cuda_plan.h). */
+ * misaligned pointers) runs REFERENCE instead. int8 has no GEMV kernel:
+ * it runs MMA or REFERENCE at every M (nf4_cuda_plan.h). */
 #define KQ_NF4_ALGO_AUTO 0
 #define KQ_NF4_ALGO_REFERENCE 1 /* simple, obviously correct, any shape */
 #define KQ_NF4_ALGO_GEMV 2      /* small M: bandwidth-bound, exact fp32 */

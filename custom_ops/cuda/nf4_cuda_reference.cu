@@ -1,7 +1,7 @@
 // The simple CUDA NF4 kernels: the reference matmul (one warp per output
 // element, any shape, alignment and base format; the fallback of the fast
-// kernels, the kernel of every int8 problem and an oracle of the GPU
-// harness) and the split-K finalize step.
+// kernels, of int8 where MMA cannot run, and an oracle of the GPU harness)
+// and the split-K finalize step.
 
 #include <algorithm>
 
