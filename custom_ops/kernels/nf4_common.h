@@ -12,6 +12,10 @@
 
 #include "../include/nf4_format.h"
 
+// Target attributes of the matmul's SIMD kernels (chosen at run time).
+#define KQ_AVX2 __attribute__((target("avx2,fma")))
+#define KQ_AVX512 __attribute__((target("avx512f,avx2,fma")))
+
 namespace keras_qlora {
 namespace nf4 {
 

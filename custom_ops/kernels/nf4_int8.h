@@ -17,9 +17,6 @@
 
 #include "nf4_common.h"
 
-#define KQ_AVX2 __attribute__((target("avx2,fma")))
-#define KQ_AVX512 __attribute__((target("avx512f,avx2,fma")))
-
 namespace keras_qlora {
 namespace nf4_matmul {
 
