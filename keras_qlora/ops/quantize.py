@@ -1,4 +1,5 @@
-"""NF4 quantization with the C++ kernels: same `NF4State`, ~50x faster.
+"""NF4 (and FP4) quantization with the C++ kernels: same `NF4State`, ~50x
+faster.
 
 `quantize_nf4_fused` returns exactly (bit for bit) what
 `keras_qlora.quantizers.quantize_nf4` returns, computed by two multithreaded
@@ -10,7 +11,7 @@ CPU ops (custom_ops/kernels/nf4_quantize_kernels.cc):
    packed two per byte.
 
 Without the op library (not built, or `KERAS_QLORA_PURE_TF=1`) it runs the
-numpy reference instead.
+numpy reference instead (nf4 only).
 """
 
 from typing import Any
@@ -24,12 +25,16 @@ from keras_qlora.quantizers import dequantize_absmax
 from keras_qlora.quantizers import double_quantize_absmax
 from keras_qlora.quantizers import quantize_nf4
 
+# The 4-bit formats the quantize ops take (their `quant_type` attribute).
+FUSED_QUANT_TYPES = ("nf4", "fp4")
+
 
 def quantize_nf4_fused(
     kernel_2d: Any,
     block_size: int = 64,
     double_quant: bool = True,
     scale_search: bool = True,
+    quant_type: str = "nf4",
 ) -> NF4State:
     """Quantizes a Keras kernel `[K, N]` to NF4 with the C++ kernels.
 
@@ -45,12 +50,15 @@ def quantize_nf4_fused(
         double_quant: quantize the block scales to 8 bits (block 256).
         scale_search: pick, per block, the grid scale with the least squared
             error; off gives bitsandbytes' exact bytes.
+        quant_type: the 4-bit table, "nf4" or "fp4" (bitsandbytes' FP4,
+            rounded to the nearest value of the sorted table).
 
     Returns:
         An `NF4State`.
 
     Raises:
-        ValueError: bad block size, not 2-D, empty, or non-finite values.
+        ValueError: bad block size or quant_type, not 2-D, empty, or
+            non-finite values; fp4 without the op library.
         TypeError: a non-floating kernel, or a flag that is not a bool.
 
     Example:
@@ -62,9 +70,19 @@ def quantize_nf4_fused(
     block_size = check_block_size(block_size)
     double_quant = check_flag(double_quant, "double_quant")
     scale_search = check_flag(scale_search, "scale_search")
+    if quant_type not in FUSED_QUANT_TYPES:
+        raise ValueError(
+            f"quant_type must be one of {FUSED_QUANT_TYPES}. Received: "
+            f"quant_type={quant_type!r}"
+        )
     kernel = as_float_matrix(kernel_2d)
     lib = loader.load()
     if lib is None:
+        if quant_type != "nf4":
+            raise ValueError(
+                f"quant_type={quant_type!r} needs the C++ op library, which "
+                "is not loaded; see `python -m keras_qlora.ops`."
+            )
         return quantize_nf4(kernel, block_size, double_quant, scale_search)
     import tensorflow as tf
 
@@ -74,7 +92,10 @@ def quantize_nf4_fused(
     weight_t = tf.transpose(tf.convert_to_tensor(kernel))
     del kernel
     scales = lib.keras_q_lo_ra_nf4_block_scales(
-        weight_t, block_size=block_size, scale_search=scale_search
+        weight_t,
+        block_size=block_size,
+        scale_search=scale_search,
+        quant_type=quant_type,
     ).numpy()
     if double_quant:
         stored, scale2, offset = double_quantize_absmax(scales)
@@ -90,6 +111,7 @@ def quantize_nf4_fused(
         effective if scale_search else scales,
         block_size=block_size,
         divide_tail=not scale_search,
+        quant_type=quant_type,
     ).numpy()
     return NF4State(
         packed=packed,
