@@ -11,7 +11,7 @@ CPU ops (custom_ops/kernels/nf4_quantize_kernels.cc):
    packed two per byte.
 
 Without the op library (not built, or `KERAS_QLORA_PURE_TF=1`) it runs the
-numpy reference instead (nf4 only).
+numpy reference instead.
 """
 
 from typing import Any
@@ -23,7 +23,7 @@ from keras_qlora.quantizers import check_block_size
 from keras_qlora.quantizers import check_flag
 from keras_qlora.quantizers import dequantize_absmax
 from keras_qlora.quantizers import double_quantize_absmax
-from keras_qlora.quantizers import quantize_nf4
+from keras_qlora.quantizers import quantize_4bit
 
 # The 4-bit formats the quantize ops take (their `quant_type` attribute).
 FUSED_QUANT_TYPES = ("nf4", "fp4")
@@ -58,7 +58,7 @@ def quantize_nf4_fused(
 
     Raises:
         ValueError: bad block size or quant_type, not 2-D, empty, or
-            non-finite values; fp4 without the op library.
+            non-finite values.
         TypeError: a non-floating kernel, or a flag that is not a bool.
 
     Example:
@@ -78,12 +78,9 @@ def quantize_nf4_fused(
     kernel = as_float_matrix(kernel_2d)
     lib = loader.load()
     if lib is None:
-        if quant_type != "nf4":
-            raise ValueError(
-                f"quant_type={quant_type!r} needs the C++ op library, which "
-                "is not loaded; see `python -m keras_qlora.ops`."
-            )
-        return quantize_nf4(kernel, block_size, double_quant, scale_search)
+        return quantize_4bit(
+            kernel, quant_type, block_size, double_quant, scale_search
+        )
     import tensorflow as tf
 
     k, n = kernel.shape
@@ -120,4 +117,5 @@ def quantize_nf4_fused(
         block_size=block_size,
         absmax_scale=scale2,
         absmax_offset=offset,
+        quant_type=quant_type,
     )
