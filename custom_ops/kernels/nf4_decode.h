@@ -8,6 +8,10 @@
 // then the 16 odd ones. x (forward) and y (transpose) are permuted to match,
 // which avoids interleaving nibbles in registers. Otherwise rows are decoded
 // in natural order by the scalar decoder.
+//
+// The 4-bit formats (nf4, fp4) differ only in their 16-entry code table,
+// Problem::code, which every decoder reads. int8 rows (Problem::int8) decode
+// in natural order only (nf4_int8.h), never in chunk or group order.
 
 #ifndef KERAS_QLORA_CUSTOM_OPS_KERNELS_NF4_DECODE_H_
 #define KERAS_QLORA_CUSTOM_OPS_KERNELS_NF4_DECODE_H_
@@ -18,15 +22,12 @@
 #include <cstdint>
 
 #include "nf4_common.h"
+#include "nf4_int8.h"
 #include "tensorflow/core/platform/threadpool.h"
-
-#define KQ_AVX2 __attribute__((target("avx2,fma")))
-#define KQ_AVX512 __attribute__((target("avx512f,avx2,fma")))
 
 namespace keras_qlora {
 namespace nf4_matmul {
 
-using ::keras_qlora::nf4::kNf4Code;
 using Pool = ::tensorflow::thread::ThreadPool;
 
 constexpr int64_t kChunk = 32;       // elements per decoded SIMD chunk
@@ -39,11 +40,17 @@ inline int64_t ChunkSource(int64_t i) {
 }
 
 struct Problem {
-  const uint8_t* packed;
-  nf4::BlockScales scales;
-  int64_t k;         // columns of W^T
-  int block_shift;   // log2(block_size)
-  bool chunk_order;  // rows decode in chunk order (SIMD and k % 32 == 0)
+  const uint8_t* packed;  // 4-bit codes, or int8 bytes when `int8`
+  nf4::BlockScales scales;  // int8: one float32 scale per row of W^T
+  const float* code;  // 4-bit formats: the 16 values (64-byte aligned)
+  int64_t k;          // columns of W^T
+  int block_shift;    // log2(block_size); unused for int8
+  bool chunk_order;   // rows decode in chunk order (SIMD, k % 32 == 0, 4-bit)
+  bool int8;          // one signed byte per element (nf4_int8.h)
+
+  // Whether rows decode in whole 32-element chunks of nibbles (the SIMD
+  // packers and GEMV kernels that assume 4-bit codes and k % 32 == 0).
+  bool NibbleChunks() const { return !int8 && k % kChunk == 0; }
 };
 
 // Per-thread scratch carved out of one buffer that the op allocates up
@@ -101,19 +108,23 @@ struct IsaKernels {
 // Decodes W^T[row, col0 : col0 + len] in natural order (any alignment).
 inline void DecodeNatural(const Problem& p, int64_t row, int64_t col0,
                           int64_t len, float* out) {
+  if (p.int8)
+    return DecodeInt8Scalar(p.packed + row * p.k + col0, p.scales(row), len,
+                            out);
+  const float* code = p.code;
   int64_t i = row * p.k + col0;
   const int64_t end = i + len;
   while (i < end) {
     const int64_t block = i >> p.block_shift;
     const int64_t stop = std::min(end, (block + 1) << p.block_shift);
     const float scale = p.scales(block);
-    for (; i < stop; ++i) *out++ = kNf4Code[nf4::CodeAt(p.packed, i)] * scale;
+    for (; i < stop; ++i) *out++ = code[nf4::CodeAt(p.packed, i)] * scale;
   }
 }
 
 // ---------------------------------------------------------------- AVX2
 
-// NF4 values of the 4-bit codes in the low bits of `idx` (higher bits of
+// Code-table values of the 4-bit codes in the low bits of `idx` (higher bits of
 // each lane other than bit 3 are ignored).
 KQ_AVX2 inline __m256 LookupAvx2(__m256i idx, __m256 lo, __m256 hi) {
   const __m256 a = _mm256_permutevar8x32_ps(lo, idx);
@@ -124,9 +135,12 @@ KQ_AVX2 inline __m256 LookupAvx2(__m256i idx, __m256 lo, __m256 hi) {
 
 KQ_AVX2 inline void DecodeAvx2(const Problem& p, int64_t row, int64_t col0,
                                int64_t len, float* out) {
+  if (p.int8)
+    return DecodeInt8Avx2(p.packed + row * p.k + col0, p.scales(row), len,
+                          out);
   if (!p.chunk_order) return DecodeNatural(p, row, col0, len, out);
-  const __m256 lo = _mm256_load_ps(kNf4Code);
-  const __m256 hi = _mm256_load_ps(kNf4Code + 8);
+  const __m256 lo = _mm256_load_ps(p.code);
+  const __m256 hi = _mm256_load_ps(p.code + 8);
   int64_t flat = row * p.k + col0;
   for (int64_t c = 0; c < len; c += kChunk, flat += kChunk) {
     const __m256 s = _mm256_set1_ps(p.scales(flat >> p.block_shift));
@@ -166,8 +180,11 @@ KQ_AVX512 inline void DecodeChunkAvx512(const Problem& p, int64_t flat,
 
 KQ_AVX512 inline void DecodeAvx512(const Problem& p, int64_t row,
                                    int64_t col0, int64_t len, float* out) {
+  if (p.int8)
+    return DecodeInt8Avx512(p.packed + row * p.k + col0, p.scales(row), len,
+                            out);
   if (!p.chunk_order) return DecodeNatural(p, row, col0, len, out);
-  const __m512 table = _mm512_load_ps(kNf4Code);
+  const __m512 table = _mm512_load_ps(p.code);
   const int64_t start = row * p.k + col0;
   for (int64_t c = 0; c < len; c += kChunk) {
     __m512 even, odd;

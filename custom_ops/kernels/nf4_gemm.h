@@ -1,5 +1,7 @@
 // Large-M (GEMM) path of the NF4 matmul: y (M x O) = x (M x R) @ B, where
-// B (R x O) is W (forward) or W^T (transpose) decoded from NF4.
+// B (R x O) is W (forward) or W^T (transpose) decoded from its format
+// (nf4, fp4: the code table of the Problem; int8: PackGeneric, or
+// PackInt8Bf16 for the bf16 micro-kernel).
 //
 // Tasks are (output block of nc columns, row chunk of x) pairs, run in
 // parallel. A task walks the reduction axis in blocks of kc: it decodes its
@@ -34,7 +36,7 @@ struct GemmKernels {
   const char* name;
   const MicroFn* micro;  // micro[rows - 1], rows in [1, mr]
   int64_t mr, nr;
-  bool avx512_pack;      // decodes in registers when K % 32 == 0
+  bool avx512_pack;      // decodes in registers when K % 32 == 0 (4-bit)
 };
 
 inline constexpr GemmKernels kGemmScalar = {"scalar", kMicroScalar.fn,
@@ -105,7 +107,8 @@ inline GemmPlan PlanGemm(const GemmKernels& g, bool bf16, bool float_x,
   plan.lda = plan.in_place ? r_dim
              : (bf16 ? nf4::CeilDiv(r_dim, 2) : r_dim) + kGemmSkew;
   plan.b_floats = ScratchFloats(plan.nc * depth);
-  plan.tmp_floats = ScratchFloats(g.nr * plan.kc);  // PackGeneric, forward
+  // PackGeneric (forward), PackInt8Bf16 (forward, one row).
+  plan.tmp_floats = ScratchFloats(g.nr * plan.kc);
   return plan;
 }
 
@@ -159,9 +162,13 @@ inline void GemmTask(const GemmPlan& plan, const Problem& p, const float* xs,
     const PanelBlock blk = {r0, kc, o0, cols, g.nr, transpose};
     int64_t depth = kc;  // rows of a panel that the micro-kernel walks
     if (plan.bf16) {
-      PackBf16(p, blk, r_dim, reinterpret_cast<uint32_t*>(bp));
+      if (p.int8) {
+        PackInt8Bf16(p, blk, r_dim, tmp, reinterpret_cast<uint32_t*>(bp));
+      } else {
+        PackBf16(p, blk, r_dim, reinterpret_cast<uint32_t*>(bp));
+      }
       depth = (kc + 1) / 2;
-    } else if (g.avx512_pack && p.k % kChunk == 0) {
+    } else if (g.avx512_pack && p.NibbleChunks()) {
       PackAvx512(p, blk, bp);
     } else {
       PackGeneric(p, blk, tmp, bp);

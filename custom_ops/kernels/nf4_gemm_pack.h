@@ -1,4 +1,6 @@
-// Decoding NF4 weights into the B panels of the large-M matmul (nf4_gemm.h).
+// Decoding weights into the B panels of the large-M matmul (nf4_gemm.h):
+// the 4-bit formats (code table Problem::code) and, for the bf16
+// micro-kernel, int8 (float32 int8 panels come from PackGeneric).
 //
 // A block of B covers reduction rows [r0, r0 + kc) and `cols` outputs from
 // o0, stored as panels of nr columns: panel p holds B[r0 + q][o0 + p*nr + j]
@@ -22,6 +24,7 @@
 
 #include "nf4_decode.h"
 #include "nf4_gemm_micro.h"
+#include "nf4_int8.h"
 
 namespace keras_qlora {
 namespace nf4_matmul {
@@ -132,7 +135,7 @@ KQ_AVX512 inline void DecodeRows16(const Problem& p, int64_t row,
 // float32 panels (nr = 32), K % 32 == 0.
 KQ_AVX512 inline void PackAvx512(const Problem& p, const PanelBlock& blk,
                                  float* bp) {
-  const __m512 table = _mm512_load_ps(kNf4Code);
+  const __m512 table = _mm512_load_ps(p.code);
   const int64_t kc = blk.kc;
   for (int64_t o = 0; o < blk.cols; o += kNrAvx512, bp += kc * kNrAvx512) {
     const int64_t olen = std::min<int64_t>(kNrAvx512, blk.cols - o);
@@ -171,7 +174,7 @@ KQ_AVX512 inline void PackAvx512(const Problem& p, const PanelBlock& blk,
 // bf16 pair panels (nr = 32, kc even, counted in elements), K % 32 == 0.
 KQ_AVX512BF16 inline void PackBf16(const Problem& p, const PanelBlock& blk,
                                    int64_t r_dim, uint32_t* bp) {
-  const __m512 table = _mm512_load_ps(kNf4Code);
+  const __m512 table = _mm512_load_ps(p.code);
   const int64_t pairs = (blk.kc + 1) / 2;  // an odd tail pairs with zero
   for (int64_t o = 0; o < blk.cols; o += kNrAvx512, bp += pairs * kNrAvx512) {
     const int64_t olen = std::min<int64_t>(kNrAvx512, blk.cols - o);
@@ -207,6 +210,68 @@ KQ_AVX512BF16 inline void PackBf16(const Problem& p, const PanelBlock& blk,
         for (int t = 0; t < 16; ++t)
           _mm512_store_si512(dst + t * kNrAvx512,
                              _mm512_castps_si512(even[t]));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- int8
+
+// bf16 pair panels of an int8 weight (nr = 32, any K, kc counted in
+// elements): each element is Int8Value rounded to bf16 as PackBf16 rounds
+// (vcvtneps2bf16). `tmp` holds nr x kc floats (forward only).
+KQ_AVX512BF16 inline void PackInt8Bf16(const Problem& p, const PanelBlock& blk,
+                                       int64_t r_dim, float* tmp,
+                                       uint32_t* bp) {
+  const int64_t kc = blk.kc, pairs = (kc + 1) / 2;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t o = 0; o < blk.cols; o += kNrAvx512, bp += pairs * kNrAvx512) {
+    const int64_t olen = std::min<int64_t>(kNrAvx512, blk.cols - o);
+    if (blk.transpose) {  // B[r][o] = W^T[r][o]: rows r, r + 1 of W^T
+      for (int64_t q = 0; q < pairs; ++q) {
+        const int64_t r = blk.r0 + 2 * q;
+        const bool second = r + 1 < r_dim;
+        const __m512 sa = _mm512_set1_ps(p.scales(r));
+        const __m512 sb = _mm512_set1_ps(second ? p.scales(r + 1) : 0.0f);
+        const uint8_t* ra = p.packed + r * p.k + blk.o0 + o;
+        for (int64_t g = 0; g < kNrAvx512; g += 16) {
+          const int64_t count = std::clamp<int64_t>(olen - g, 0, 16);
+          const __m512 a = Int8ValuesAvx512(ra + g, count, sa);
+          const __m512 b =
+              second ? Int8ValuesAvx512(ra + p.k + g, count, sb) : zero;
+          _mm512_store_si512(bp + q * kNrAvx512 + g, PackPairsBf16(a, b));
+        }
+      }
+      continue;
+    }
+    // B[r][o] = W^T[o][r]: decode the panel's rows of W^T, then gather
+    // each pair of reduction rows across 16 of them.
+    for (int64_t j = 0; j < olen; ++j) {
+      const int64_t row = blk.o0 + o + j;
+      DecodeInt8Avx512(p.packed + row * p.k + blk.r0, p.scales(row), kc,
+                       tmp + j * kc);
+    }
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
+                                          5, 4, 3, 2, 1, 0);
+    for (int64_t g = 0; g < kNrAvx512; g += 16) {
+      const int64_t count = std::clamp<int64_t>(olen - g, 0, 16);
+      const __mmask16 live =
+          static_cast<__mmask16>(count == 16 ? 0xFFFFu : (1u << count) - 1);
+      // Lane l reads row g + l of tmp.
+      const __m512i rows = _mm512_mullo_epi32(
+          _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(g))),
+          _mm512_set1_epi32(static_cast<int>(kc)));
+      for (int64_t q = 0; q < pairs; ++q) {
+        const __m512i at = _mm512_add_epi32(
+            rows, _mm512_set1_epi32(static_cast<int>(2 * q)));
+        const __m512 a = _mm512_mask_i32gather_ps(zero, live, at, tmp, 4);
+        const __m512 b =
+            2 * q + 1 < kc
+                ? _mm512_mask_i32gather_ps(
+                      zero, live, _mm512_add_epi32(at, _mm512_set1_epi32(1)),
+                      tmp, 4)
+                : zero;
+        _mm512_store_si512(bp + q * kNrAvx512 + g, PackPairsBf16(a, b));
       }
     }
   }

@@ -121,7 +121,7 @@ template <int MR, int NR>
 KQ_AVX512 void FusedTileAvx512(const Problem& p, int64_t row, int64_t k0,
                                int64_t k1, const float* xc, float* y,
                                int64_t ldy, bool add) {
-  const __m512 table = _mm512_load_ps(kNf4Code);
+  const __m512 table = _mm512_load_ps(p.code);
   const int64_t k = p.k;
   __m512 acc[NR][MR];
 #pragma GCC unroll 8

@@ -147,7 +147,7 @@ template <int MR, int NR>
 KQ_AVX512 void GroupTileAvx512(const Problem& p, int64_t row, int64_t k0,
                                int64_t k1, const float* xp, float* y,
                                int64_t ldy, bool add) {
-  const __m512 table = _mm512_load_ps(kNf4Code);
+  const __m512 table = _mm512_load_ps(p.code);
   const GroupScaleMap map = MakeGroupScaleMap(p.block_shift);
   const int64_t k = p.k, len = k1 - k0, shift = p.block_shift;
   float s[NR][GroupScaleFloats(kGroupKBlockMax)];
@@ -295,7 +295,7 @@ template <int R>
 KQ_AVX512 void GroupAxpyRowsAvx512(const Problem& p, int64_t j, int64_t c0,
                                    int64_t len, const float* x, int64_t ldx,
                                    int64_t m, float* acc) {
-  const __m512 table = _mm512_load_ps(kNf4Code);
+  const __m512 table = _mm512_load_ps(p.code);
   const GroupScaleMap map = MakeGroupScaleMap(p.block_shift);
   const int64_t k = p.k, shift = p.block_shift;
   float s[R][GroupScaleFloats(kGroupColTile)];

@@ -1,5 +1,8 @@
 // CPU kernel of KerasQLoRA>NF4Matmul: y = x @ W, or x @ W^T with
-// `transpose`, where W^T ([N, K]) is stored as NF4 (see nf4_common.h).
+// `transpose`, where W^T ([N, K]) is stored as nf4, fp4 or int8 (the
+// `quant_type` attribute; nf4_format.h). The 4-bit formats share every
+// kernel through their code table; int8 rows decode in natural order
+// (nf4_int8.h) on every path below.
 //
 // Two paths, both accumulating in float32 and never materializing W:
 // - small M (GEMV, nf4_gemv.h): every weight byte is read once;
@@ -13,7 +16,6 @@
 // threads never allocate (nor throw).
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -64,41 +66,22 @@ struct IsaChoice {
 };
 
 IsaChoice ResolveIsa() {
-  __builtin_cpu_init();
-  const bool avx2 =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f");
-  const bool bf16 = avx512 && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512vl") &&
-                    __builtin_cpu_supports("avx512bf16");
-  const IsaKernels* best =
-      avx512 ? &kAvx512Kernels : (avx2 ? &kAvx2Kernels : &kScalarKernels);
-  const char* env = std::getenv("KERAS_QLORA_CPU_ISA");
-  const std::string want = env == nullptr ? "" : env;
+  using nf4::CpuIsa;
   IsaChoice choice;
-  bool use_bf16 = bf16;
-  std::string got;  // what runs, in KERAS_QLORA_CPU_ISA's words
-  if (want.empty() || want == "auto" || want == "avx512_bf16") {
-    choice.kernels = best;
-  } else if (want == "scalar") {
-    choice.kernels = &kScalarKernels;
-  } else if (want == "avx2") {
-    choice.kernels = avx2 ? &kAvx2Kernels : &kScalarKernels;
-  } else if (want == "avx512") {
-    choice.kernels = best;
-    use_bf16 = false;
-  } else {
-    choice.error = "KERAS_QLORA_CPU_ISA must be one of auto, scalar, avx2, "
-                   "avx512, avx512_bf16. Received: KERAS_QLORA_CPU_ISA=" +
-                   want;
-    return choice;
-  }
-  choice.gemm = choice.kernels == &kAvx512Kernels ? &kGemmAvx512
-                : choice.kernels == &kAvx2Kernels ? &kGemmAvx2
-                                                  : &kGemmScalar;
-  if (use_bf16 && choice.kernels == &kAvx512Kernels)
-    choice.gemm_bf16 = &kGemmBf16;
-  got = choice.gemm_bf16 != nullptr ? "avx512_bf16" : choice.kernels->name;
+  CpuIsa cap;
+  std::string want;
+  if (!nf4::ReadCpuIsaCap(&cap, &want, &choice.error)) return choice;
+  const CpuIsa isa = std::min(nf4::BestCpuIsa(), cap);
+  choice.kernels = isa >= CpuIsa::kAvx512 ? &kAvx512Kernels
+                   : isa == CpuIsa::kAvx2 ? &kAvx2Kernels
+                                          : &kScalarKernels;
+  choice.gemm = isa >= CpuIsa::kAvx512 ? &kGemmAvx512
+                : isa == CpuIsa::kAvx2 ? &kGemmAvx2
+                                       : &kGemmScalar;
+  if (isa == CpuIsa::kAvx512Bf16) choice.gemm_bf16 = &kGemmBf16;
+  // What runs, in KERAS_QLORA_CPU_ISA's words.
+  const std::string got =
+      choice.gemm_bf16 != nullptr ? "avx512_bf16" : choice.kernels->name;
   if (!want.empty() && want != "auto" && want != got) {
     LOG(WARNING) << "KERAS_QLORA_CPU_ISA=" << want << " is not supported by "
                  << "this CPU; using " << got;
@@ -177,7 +160,7 @@ class Nf4MatmulOp : public OpKernel {
     const int64_t out_dim = attrs_.out_dim();
 
     Problem p = MakeProblem(ctx);
-    p.chunk_order = isa_ != &kScalarKernels && attrs_.k % kChunk == 0;
+    p.chunk_order = isa_ != &kScalarKernels && p.NibbleChunks();
     Pool* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     const T* xd = x.flat<T>().data();
     const bool float_out = std::is_same<T, float>::value;
@@ -221,9 +204,11 @@ class Nf4MatmulOp : public OpKernel {
       }
     } else {
       // bf16 x runs bf16 x bf16 -> float32 (vdpbf16ps) where the CPU has it
-      // and rows of W^T decode in whole chunks; otherwise x becomes float32.
+      // and rows of W^T decode in whole chunks (or are int8, any K);
+      // otherwise x becomes float32.
       const bool bf16 = std::is_same<T, ::tensorflow::bfloat16>::value &&
-                        gemm_bf16_ != nullptr && attrs_.k % kChunk == 0;
+                        gemm_bf16_ != nullptr &&
+                        (p.int8 || p.NibbleChunks());
       const GemmPlan plan =
           PlanGemm(bf16 ? *gemm_bf16_ : *gemm_, bf16, float_out, m, out_dim,
                    in_dim, pool->NumThreads());
@@ -248,7 +233,12 @@ class Nf4MatmulOp : public OpKernel {
     Problem p;
     p.packed = ctx->input(1).flat<uint8_t>().data();
     p.k = attrs_.k;
-    p.block_shift = __builtin_ctzll(static_cast<uint64_t>(attrs_.block_size));
+    p.int8 = attrs_.is_int8();
+    p.code = attrs_.code_table();
+    // int8 "blocks" are rows of any length: nothing reads a shift then.
+    p.block_shift =
+        p.int8 ? 0
+               : __builtin_ctzll(static_cast<uint64_t>(attrs_.block_size));
     p.chunk_order = false;
     const AbsT* absmax = ctx->input(2).flat<AbsT>().data();
     if (std::is_same<AbsT, uint8_t>::value) {

@@ -1,16 +1,20 @@
-// CPU kernels of KerasQLoRA>NF4BlockScales and KerasQLoRA>NF4Encode: NF4
-// quantization of W^T ([N, K], flattened row-major, cut into blocks), bit
-// for bit equal to the numpy reference keras_qlora.quantizers.quantize_nf4.
+// CPU kernels of KerasQLoRA>NF4BlockScales and KerasQLoRA>NF4Encode: 4-bit
+// (nf4 or fp4, the `quant_type` attribute) quantization of W^T ([N, K],
+// flattened row-major, cut into blocks), bit for bit equal to the numpy
+// reference keras_qlora.quantizers.quantize_nf4 (and its fp4 twin).
 //
 // What "bit for bit" pins down (all float32 unless said otherwise):
 //   candidate scale s   = absmax * SCALE_SEARCH_GRID[c]
 //   inv                 = 1 / max(s, 1e-38)          (0 where s <= 0)
-//   code index          = #{midpoints m : m < w * inv}   (searchsorted left)
-//   d                   = w - code[index] * s        (no fused multiply-add)
+//   position p          = #{midpoints m : m < w * inv}   (searchsorted left
+//                         over the midpoints of the SORTED code values)
+//   stored code         = p (nf4), kFp4SortedCodes[p] (fp4)
+//   d                   = w - sorted[p] * s          (no fused multiply-add)
 //   block error         = sum over the block, first element first, of
 //                         double(d)^2, added in float64 (squares are exact)
 //   chosen scale        = first candidate with the least error (strict <)
-// A partial last block is zero-padded; an all-zero one gets absmax 1e-38
+// A partial last block is zero-padded (padding nibbles and blocks with
+// s <= 0 get the format's code of 0.0); an all-zero one gets absmax 1e-38
 // (bitsandbytes' clamp). Denormals are kept (TF threads may flush them).
 //
 // Three code paths, bit-identical: AVX-512F (16 blocks in the lanes of one
@@ -24,7 +28,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -44,7 +47,7 @@ using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 namespace errors = ::tensorflow::errors;
 
-using nf4::kNf4Code;
+using nf4::CpuIsa;
 using namespace ::keras_qlora::nf4_quantize;  // NOLINT(build/namespaces)
 
 // Keeps denormals for the duration of a shard (TF may run with FTZ/DAZ).
@@ -66,44 +69,28 @@ class KeepDenormals {
   unsigned saved_ = 0;
 };
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa BestIsa() {
-#ifdef KERAS_QLORA_X86
-  static const Isa best = [] {
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
-      return Isa::kScalar;
-    return __builtin_cpu_supports("avx512f") ? Isa::kAvx512 : Isa::kAvx2;
-  }();
-  return best;
-#else
-  return Isa::kScalar;
-#endif
+// The ISA to run: the best supported one, capped by KERAS_QLORA_CPU_ISA
+// (read on every call; avx512_bf16 quantizes as avx512).
+::tensorflow::Status ChooseIsa(CpuIsa* isa) {
+  static const CpuIsa best = nf4::BestCpuIsa();
+  CpuIsa cap;
+  std::string name, error;
+  if (!nf4::ReadCpuIsaCap(&cap, &name, &error))
+    return errors::InvalidArgument(error);
+  *isa = std::min({best, cap, CpuIsa::kAvx512});
+  return ::tensorflow::Status();
 }
 
-// The ISA to run: the best supported one, capped by KERAS_QLORA_CPU_ISA.
-::tensorflow::Status ChooseIsa(Isa* isa) {
-  *isa = BestIsa();
-  const char* env = std::getenv("KERAS_QLORA_CPU_ISA");
-  if (env == nullptr || *env == '\0') return ::tensorflow::Status();
-  const std::string want(env);
-  Isa cap;
-  if (want == "auto") {
-    cap = Isa::kAvx512;
-  } else if (want == "scalar") {
-    cap = Isa::kScalar;
-  } else if (want == "avx2") {
-    cap = Isa::kAvx2;
-  } else if (want == "avx512" || want == "avx512_bf16") {
-    cap = Isa::kAvx512;  // quantizing has no bf16 kernels
-  } else {
+// Reads the `quant_type` attribute of the quantize ops ('nf4' or 'fp4';
+// the op registration refuses any other).
+::tensorflow::Status ReadQuantType(OpKernelConstruction* ctx,
+                                   nf4::QuantType* type) {
+  std::string name;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("quant_type", &name));
+  if (name != "nf4" && name != "fp4")
     return errors::InvalidArgument(
-        "KERAS_QLORA_CPU_ISA must be one of auto, scalar, avx2, avx512, "
-        "avx512_bf16. Received: KERAS_QLORA_CPU_ISA=",
-        want);
-  }
-  *isa = std::min(*isa, cap);
+        "quant_type must be one of nf4, fp4. Received: quant_type=", name);
+  *type = name == "fp4" ? nf4::QuantType::kFp4 : nf4::QuantType::kNf4;
   return ::tensorflow::Status();
 }
 
@@ -120,22 +107,22 @@ inline float InvScale(float s) {
 }
 
 // Squared error of one block (len elements, zero padded to bs) under s.
-double BlockSse(const float* w, int64_t len, float s, const float* mids) {
+double BlockSse(const Format& f, const float* w, int64_t len, float s) {
   const float inv = InvScale(s);
   double err = 0.0;
   for (int64_t j = 0; j < len; ++j) {
-    float q = kNf4Code[NearestIndex(w[j] * inv, mids)] * s;
+    float q = f.sorted[NearestIndex(w[j] * inv, f.mids)] * s;
     KQ_ROUNDED(q);
     const double d = static_cast<double>(w[j] - q);
     err += d * d;
   }
-  // Padding zeros: index 7 (code 0), d = 0, adding +0.0 changes nothing.
+  // Padding zeros: position 7 (value 0), d = 0, adding +0.0 changes
+  // nothing.
   return err;
 }
 
 void ScalesScalar(const Layout& L, int64_t b0, int64_t b1, bool search,
                   float* out) {
-  const float* mids = Mids().m;
   for (int64_t b = b0; b < b1; ++b) {
     const float* w = L.w + b * L.bs;
     const int64_t len = L.BlockLen(b);
@@ -147,7 +134,7 @@ void ScalesScalar(const Layout& L, int64_t b0, int64_t b1, bool search,
       double best_err = INFINITY;
       for (int c = 0; c < kGridSize; ++c) {
         const float s = am * kGrid[c];
-        const double err = BlockSse(w, len, s, mids);
+        const double err = BlockSse(*L.fmt, w, len, s);
         if (err < best_err) {
           best_err = err;
           best = s;
@@ -161,16 +148,15 @@ void ScalesScalar(const Layout& L, int64_t b0, int64_t b1, bool search,
 // Codes of one block (starts on a byte: bs is even) into ceil(len / 2)
 // bytes; `divide` uses w / s instead of w * (1 / s). An odd last element
 // gets the code of 0.0 in the low nibble, as bitsandbytes pads.
-void EncodeBlockScalar(const float* w, int64_t len, float s, bool divide,
-                       uint8_t* dst) {
-  const float* mids = Mids().m;
+void EncodeBlockScalar(const Format& f, const float* w, int64_t len, float s,
+                       bool divide, uint8_t* dst) {
   const float inv = InvScale(s);
-  auto index = [&](int64_t j) -> int {
-    if (j >= len || !(s > 0.0f)) return kZeroIndex;
-    return NearestIndex(divide ? w[j] / s : w[j] * inv, mids);
+  auto code = [&](int64_t j) -> int {
+    if (j >= len || !(s > 0.0f)) return f.zero;
+    return f.code[NearestIndex(divide ? w[j] / s : w[j] * inv, f.mids)];
   };
   for (int64_t j = 0; j < len; j += 2)
-    dst[j / 2] = static_cast<uint8_t>((index(j) << 4) | index(j + 1));
+    dst[j / 2] = static_cast<uint8_t>((code(j) << 4) | code(j + 1));
 }
 
 
@@ -219,9 +205,9 @@ int64_t FirstNonFinite(const float* p, int64_t n) {
   return ::tensorflow::Status();
 }
 
-Layout MakeLayout(const Tensor& w, int block_size) {
+Layout MakeLayout(const Tensor& w, int block_size, nf4::QuantType type) {
   const int64_t size = w.NumElements();
-  return Layout{w.flat<float>().data(), size,
+  return Layout{&GetFormat(type), w.flat<float>().data(), size,
                 (size + block_size - 1) / block_size, block_size};
 }
 
@@ -230,20 +216,22 @@ class Nf4BlockScalesOp : public OpKernel {
   explicit Nf4BlockScalesOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("scale_search", &scale_search_));
+    OP_REQUIRES_OK(ctx, ReadQuantType(ctx, &type_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& w = ctx->input(0);
     OP_REQUIRES_OK(ctx, CheckInputs(w, block_size_));
-    Isa isa;
+    CpuIsa isa;
     OP_REQUIRES_OK(ctx, ChooseIsa(&isa));
-    const Layout layout = MakeLayout(w, block_size_);
+    const Layout layout = MakeLayout(w, block_size_, type_);
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({layout.blocks}),
                                              &out));
     float* scales = out->flat<float>().data();
     const bool search = scale_search_;
-    const int lanes = isa == Isa::kAvx512 ? 16 : isa == Isa::kAvx2 ? 8 : 1;
+    const int lanes =
+        isa == CpuIsa::kAvx512 ? 16 : isa == CpuIsa::kAvx2 ? 8 : 1;
     const int64_t groups = (layout.blocks + lanes - 1) / lanes;
     // Rough cycles per group: ~2 per element and candidate.
     const int64_t cost =
@@ -252,10 +240,10 @@ class Nf4BlockScalesOp : public OpKernel {
       KeepDenormals keep;
       switch (isa) {
 #ifdef KERAS_QLORA_X86
-        case Isa::kAvx512:
+        case CpuIsa::kAvx512:
           ScalesAvx512(layout, g0, g1, search, scales);
           break;
-        case Isa::kAvx2:
+        case CpuIsa::kAvx2:
           ScalesAvx2(layout, g0, g1, search, scales);
           break;
 #endif
@@ -270,6 +258,7 @@ class Nf4BlockScalesOp : public OpKernel {
  private:
   int block_size_ = 64;
   bool scale_search_ = true;
+  nf4::QuantType type_ = nf4::QuantType::kNf4;
 };
 
 class Nf4EncodeOp : public OpKernel {
@@ -277,13 +266,14 @@ class Nf4EncodeOp : public OpKernel {
   explicit Nf4EncodeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("block_size", &block_size_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("divide_tail", &divide_tail_));
+    OP_REQUIRES_OK(ctx, ReadQuantType(ctx, &type_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& w = ctx->input(0);
     const Tensor& scales_t = ctx->input(1);
     OP_REQUIRES_OK(ctx, CheckInputs(w, block_size_));
-    const Layout layout = MakeLayout(w, block_size_);
+    const Layout layout = MakeLayout(w, block_size_, type_);
     OP_REQUIRES(ctx,
                 scales_t.dims() == 1 && scales_t.NumElements() == layout.blocks,
                 errors::InvalidArgument(
@@ -298,7 +288,7 @@ class Nf4EncodeOp : public OpKernel {
                     "scales must be finite: scales[", bad_scale, "] = ",
                     scales_t.flat<float>()(bad_scale < 0 ? 0 : bad_scale),
                     ". A block's scale is its (searched) absolute maximum."));
-    Isa isa;
+    CpuIsa isa;
     OP_REQUIRES_OK(ctx, ChooseIsa(&isa));
     Tensor* out = nullptr;
     const int64_t bytes = (layout.size + 1) / 2;
@@ -307,6 +297,7 @@ class Nf4EncodeOp : public OpKernel {
     uint8_t* packed = out->flat<uint8_t>().data();
     const float* scales = scales_t.flat<float>().data();
     const bool divide_tail = divide_tail_;
+    const Format& fmt = *layout.fmt;
     auto work = [&](int64_t b0, int64_t b1) {
       KeepDenormals keep;
       for (int64_t b = b0; b < b1; ++b) {
@@ -315,19 +306,19 @@ class Nf4EncodeOp : public OpKernel {
         uint8_t* dst = packed + b * layout.bs / 2;
         const float s = scales[b];
         if (len < layout.bs) {  // partial last block
-          EncodeBlockScalar(src, len, s, divide_tail, dst);
+          EncodeBlockScalar(fmt, src, len, s, divide_tail, dst);
         } else if (!(s > 0.0f)) {
-          std::memset(dst, kZeroByte, layout.bs / 2);
+          std::memset(dst, fmt.zero_byte, layout.bs / 2);
         }
 #ifdef KERAS_QLORA_X86
-        else if (isa == Isa::kAvx512) {
-          EncodeBlockAvx512(src, layout.bs, s, dst);
-        } else if (isa == Isa::kAvx2) {
-          EncodeBlockAvx2(src, layout.bs, s, dst);
+        else if (isa == CpuIsa::kAvx512) {
+          EncodeBlockAvx512(fmt, src, layout.bs, s, dst);
+        } else if (isa == CpuIsa::kAvx2) {
+          EncodeBlockAvx2(fmt, src, layout.bs, s, dst);
         }
 #endif
         else {
-          EncodeBlockScalar(src, len, s, false, dst);
+          EncodeBlockScalar(fmt, src, len, s, false, dst);
         }
       }
     };
@@ -338,6 +329,7 @@ class Nf4EncodeOp : public OpKernel {
  private:
   int block_size_ = 64;
   bool divide_tail_ = false;
+  nf4::QuantType type_ = nf4::QuantType::kNf4;
 };
 
 }  // namespace

@@ -1,9 +1,9 @@
-// Shared pieces and SIMD paths of the NF4 quantize kernels
-// (nf4_quantize_kernels.cc): the search grid and code midpoints, the block
-// layout, and the scale search over 16 (AVX-512F) or 8 (AVX2) blocks at a
-// time, in the lanes of one register, plus the vectorized encoders. Bit-
-// identical to the scalar path in the .cc (see there for what that pins
-// down). Inline-only; x86 only.
+// Shared pieces and SIMD paths of the 4-bit quantize kernels
+// (nf4_quantize_kernels.cc): the search grid, the formats (nf4, fp4: sorted
+// values, midpoints, stored codes), the block layout, and the scale search
+// over 16 (AVX-512F) or 8 (AVX2) blocks at a time, in the lanes of one
+// register, plus the vectorized encoders. Bit-identical to the scalar path
+// in the .cc (see there for what that pins down). Inline-only; x86 only.
 
 #ifndef KERAS_QLORA_CUSTOM_OPS_KERNELS_NF4_QUANTIZE_SIMD_H_
 #define KERAS_QLORA_CUSTOM_OPS_KERNELS_NF4_QUANTIZE_SIMD_H_
@@ -23,8 +23,6 @@
 namespace keras_qlora {
 namespace nf4_quantize {
 
-using nf4::kNf4Code;
-
 // np.linspace(1.0, 0.80, 11, dtype=float32): fractions of the absmax.
 constexpr int kGridSize = 11;
 constexpr float kGrid[kGridSize] = {
@@ -33,22 +31,75 @@ constexpr float kGrid[kGridSize] = {
     0x1.ae147ap-1f,  0x1.a3d70ap-1f, 0x1.99999ap-1f};
 // np.float32(1e-38), a denormal: bitsandbytes' clamp of a zero absmax.
 constexpr float kTiny = 0x1.b38fb8p-127f;
-constexpr uint8_t kZeroIndex = nf4::kNf4ZeroIndex;
-constexpr uint8_t kZeroByte = (kZeroIndex << 4) | kZeroIndex;
 constexpr int kMaxBlock = nf4::kMaxBlockSize;
 
-// (code[i] + code[i + 1]) / 2 in float32, as codes.NF4_MIDPOINTS; the 16th
-// entry (+inf) only pads the table for 16-lane permutes.
-struct Midpoints {
-  float m[16];
-  Midpoints() {
-    for (int i = 0; i < 15; ++i) m[i] = (kNf4Code[i] + kNf4Code[i + 1]) / 2.0f;
-    m[15] = INFINITY;
+// Nearest-code lookup in 8 instructions (AVX-512). [-1, 1) is cut into 32
+// buckets of width 1/16; a bucket holds at most two midpoints (nf4: one;
+// fp4: 0 and 1/384 share a bucket), so
+//   position = #{midpoints below the bucket}
+//            + (the bucket's first midpoint < v) + (its second < v).
+// The bucket number fma(v, 16, 16) may round up to the next bucket only for
+// v within 2^-23 below its lower edge; no midpoint lies below an edge that
+// closely (one may lie on it: then it is one of the bucket's own and is
+// compared with v itself), so the count is still exact.
+struct BucketTables {
+  float bound[32];   // the first midpoint inside bucket b, or +inf
+  float bound2[32];  // the second one, or +inf
+  int32_t base[32];
+  bool two;          // some bucket has a second midpoint
+  void Build(const float* mids) {
+    two = false;
+    for (int b = 0; b < 32; ++b) {
+      const float lo = -1.0f + b / 16.0f, hi = lo + 1.0f / 16.0f;
+      base[b] = 0;
+      bound[b] = bound2[b] = INFINITY;
+      for (int i = 0; i < 15; ++i) {
+        base[b] += mids[i] < lo;
+        if (!(mids[i] >= lo && mids[i] < hi)) continue;
+        if (bound[b] == INFINITY) {
+          bound[b] = mids[i];
+        } else {
+          bound2[b] = mids[i];
+          two = true;
+        }
+      }
+    }
   }
 };
-inline const Midpoints& Mids() {
-  static const Midpoints mids;
-  return mids;
+
+// A 4-bit format as the quantizer sees it. A value is rounded to the
+// nearest of `sorted` (searchsorted over `mids`, a tie to the lower one);
+// its position p is stored as code[p] (nf4: p itself; fp4:
+// nf4::kFp4SortedCodes[p]). Zero blocks and padding nibbles get `zero`.
+struct Format {
+  alignas(64) float sorted[16];  // the code values, increasing
+  alignas(64) int32_t code[16];  // the code of sorted position p
+  // (sorted[i] + sorted[i + 1]) / 2 in float32 (codes.NF4_MIDPOINTS for
+  // nf4); the 16th entry (+inf) only pads the table for 16-lane permutes.
+  float mids[16];
+  uint8_t zero, zero_byte;  // the code of 0.0, twice in one byte
+  BucketTables buckets;
+
+  explicit Format(nf4::QuantType type) {
+    const bool fp4 = type == nf4::QuantType::kFp4;
+    const float* table = nf4::CodeTable(type);
+    for (int i = 0; i < 16; ++i) {
+      code[i] = fp4 ? nf4::kFp4SortedCodes[i] : i;
+      sorted[i] = table[code[i]];
+    }
+    for (int i = 0; i < 15; ++i) mids[i] = (sorted[i] + sorted[i + 1]) / 2.0f;
+    mids[15] = INFINITY;
+    zero = static_cast<uint8_t>(nf4::ZeroIndex(type));
+    zero_byte = static_cast<uint8_t>((zero << 4) | zero);
+    buckets.Build(mids);
+  }
+};
+
+// The quantizer's tables of a 4-bit format (built once).
+inline const Format& GetFormat(nf4::QuantType type) {
+  static const Format nf4_format(nf4::QuantType::kNf4);
+  static const Format fp4_format(nf4::QuantType::kFp4);
+  return type == nf4::QuantType::kFp4 ? fp4_format : nf4_format;
 }
 
 // An empty asm the compiler cannot see through: keeps the product in `v`
@@ -62,6 +113,7 @@ inline const Midpoints& Mids() {
 
 // Where the blocks of a flat [N * K] array live.
 struct Layout {
+  const Format* fmt;
   const float* w;
   int64_t size;    // N * K
   int64_t blocks;  // ceil(size / bs)
@@ -95,45 +147,22 @@ inline void ClampTail(const Layout& L, int64_t first, int lanes, float* absmax) 
 #define KQ_Q_AVX512 __attribute__((target("avx512f")))
 #define KQ_Q_AVX2 __attribute__((target("avx2,fma")))
 
-// Nearest-code index in 8 instructions. [-1, 1) is cut into 32 buckets of
-// width 1/16, narrower than any gap between midpoints, so a bucket holds at
-// most one midpoint:  index = #{midpoints below the bucket}
-//                           + (the bucket's midpoint < v).
-// The bucket number fma(v, 16, 16) may round up to the next bucket only for
-// v within 2^-23 below its lower edge; no midpoint lies that close to an
-// edge, so the count is still exact. The comparison itself uses v.
-struct BucketTables {
-  float bound[32];  // the midpoint inside bucket b, or +inf
-  int32_t base[32];
-  BucketTables() {
-    const float* mids = Mids().m;
-    for (int b = 0; b < 32; ++b) {
-      const float lo = -1.0f + b / 16.0f, hi = lo + 1.0f / 16.0f;
-      base[b] = 0;
-      bound[b] = INFINITY;
-      for (int i = 0; i < 15; ++i) {
-        base[b] += mids[i] < lo;
-        if (mids[i] >= lo && mids[i] < hi) bound[b] = mids[i];
-      }
-    }
-  }
-};
-inline const BucketTables& Buckets() {
-  static const BucketTables tables;
-  return tables;
-}
-
+// The bucket tables of a format (BucketTables) in registers.
 struct Tables16 {
-  __m512 bound_lo, bound_hi;
+  __m512 bound_lo, bound_hi, bound2_lo, bound2_hi;
   __m512i base_lo, base_hi;
+  bool two;
 };
 
-KQ_Q_AVX512 inline Tables16 LoadTables16() {
-  const BucketTables& t = Buckets();
-  return Tables16{_mm512_loadu_ps(t.bound), _mm512_loadu_ps(t.bound + 16),
-                  _mm512_loadu_si512(t.base), _mm512_loadu_si512(t.base + 16)};
+KQ_Q_AVX512 inline Tables16 LoadTables16(const Format& f) {
+  const BucketTables& t = f.buckets;
+  return Tables16{_mm512_loadu_ps(t.bound),  _mm512_loadu_ps(t.bound + 16),
+                  _mm512_loadu_ps(t.bound2), _mm512_loadu_ps(t.bound2 + 16),
+                  _mm512_loadu_si512(t.base), _mm512_loadu_si512(t.base + 16),
+                  t.two};
 }
 
+// Sorted positions of 16 values (see BucketTables).
 KQ_Q_AVX512 inline __m512i Index16(__m512 v, const Tables16& t) {
   const __m512 sixteen = _mm512_set1_ps(16.0f);
   __m512 u = _mm512_fmadd_ps(v, sixteen, sixteen);
@@ -143,7 +172,13 @@ KQ_Q_AVX512 inline __m512i Index16(__m512 v, const Tables16& t) {
   const __m512 bound = _mm512_permutex2var_ps(t.bound_lo, bucket, t.bound_hi);
   const __m512i base = _mm512_permutex2var_epi32(t.base_lo, bucket, t.base_hi);
   const __mmask16 above = _mm512_cmp_ps_mask(bound, v, _CMP_LT_OQ);
-  return _mm512_mask_add_epi32(base, above, base, _mm512_set1_epi32(1));
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i idx = _mm512_mask_add_epi32(base, above, base, one);
+  if (!t.two) return idx;  // nf4: one midpoint per bucket
+  const __m512 bound2 =
+      _mm512_permutex2var_ps(t.bound2_lo, bucket, t.bound2_hi);
+  const __mmask16 above2 = _mm512_cmp_ps_mask(bound2, v, _CMP_LT_OQ);
+  return _mm512_mask_add_epi32(idx, above2, idx, one);
 }
 
 // tr[(j0 + c) * 16 + r] = src[r * stride + j0 + c] for r, c < 16.
@@ -180,8 +215,8 @@ KQ_Q_AVX512 inline void ScalesAvx512(const Layout& L, int64_t g0, int64_t g1,
   alignas(64) float tr[kMaxBlock * kLanes];
   alignas(64) float am_buf[kLanes];
   alignas(64) float best_buf[kLanes];
-  const Tables16 tables = LoadTables16();
-  const __m512 codes = _mm512_loadu_ps(kNf4Code);
+  const Tables16 tables = LoadTables16(*L.fmt);
+  const __m512 codes = _mm512_load_ps(L.fmt->sorted);
   const __m512 tiny = _mm512_set1_ps(kTiny);
   const __m512 one = _mm512_set1_ps(1.0f);
   const int bs = L.bs;
@@ -242,13 +277,14 @@ KQ_Q_AVX512 inline void ScalesAvx512(const Layout& L, int64_t g0, int64_t g1,
 }
 
 // Codes of one full block (bs a multiple of 16, s > 0) into bs / 2 bytes.
-KQ_Q_AVX512 inline void EncodeBlockAvx512(const float* w, int bs, float s,
-                                 uint8_t* dst) {
-  const Tables16 tables = LoadTables16();
+KQ_Q_AVX512 inline void EncodeBlockAvx512(const Format& f, const float* w,
+                                          int bs, float s, uint8_t* dst) {
+  const Tables16 tables = LoadTables16(f);
+  const __m512i code = _mm512_load_si512(f.code);
   const __m512 inv = _mm512_set1_ps(1.0f / std::max(s, kTiny));
   for (int j = 0; j < bs; j += 16) {
-    const __m512i idx =
-        Index16(_mm512_mul_ps(_mm512_loadu_ps(w + j), inv), tables);
+    const __m512i idx = _mm512_permutexvar_epi32(
+        Index16(_mm512_mul_ps(_mm512_loadu_ps(w + j), inv), tables), code);
     // 64-bit lane = (odd << 32) | even; low byte -> (even << 4) | odd.
     const __m512i pair = _mm512_or_si512(_mm512_slli_epi64(idx, 4),
                                          _mm512_srli_epi64(idx, 32));
@@ -282,9 +318,9 @@ KQ_Q_AVX2 inline void ScalesAvx2(const Layout& L, int64_t g0, int64_t g1,
   alignas(32) float tr[kMaxBlock * kLanes];
   alignas(32) float am_buf[kLanes];
   alignas(32) float best_buf[kLanes];
-  const float* mids = Mids().m;
-  const __m256 code_lo = _mm256_loadu_ps(kNf4Code);
-  const __m256 code_hi = _mm256_loadu_ps(kNf4Code + 8);
+  const float* mids = L.fmt->mids;
+  const __m256 code_lo = _mm256_load_ps(L.fmt->sorted);
+  const __m256 code_hi = _mm256_load_ps(L.fmt->sorted + 8);
   const __m256 tiny = _mm256_set1_ps(kTiny);
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 zero = _mm256_setzero_ps();
@@ -343,8 +379,9 @@ KQ_Q_AVX2 inline void ScalesAvx2(const Layout& L, int64_t g0, int64_t g1,
   }
 }
 
-KQ_Q_AVX2 inline void EncodeBlockAvx2(const float* w, int bs, float s, uint8_t* dst) {
-  const float* mids = Mids().m;
+KQ_Q_AVX2 inline void EncodeBlockAvx2(const Format& f, const float* w, int bs,
+                                      float s, uint8_t* dst) {
+  const float* mids = f.mids;
   const __m256 inv = _mm256_set1_ps(1.0f / std::max(s, kTiny));
   alignas(32) int32_t idx[8];
   for (int j = 0; j < bs; j += 8) {
@@ -352,7 +389,8 @@ KQ_Q_AVX2 inline void EncodeBlockAvx2(const float* w, int bs, float s, uint8_t* 
         reinterpret_cast<__m256i*>(idx),
         Index8(_mm256_mul_ps(_mm256_loadu_ps(w + j), inv), mids));
     for (int i = 0; i < 8; i += 2)
-      dst[(j + i) / 2] = static_cast<uint8_t>((idx[i] << 4) | idx[i + 1]);
+      dst[(j + i) / 2] =
+          static_cast<uint8_t>((f.code[idx[i]] << 4) | f.code[idx[i + 1]]);
   }
 }
 #endif  // KERAS_QLORA_X86

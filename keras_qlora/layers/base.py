@@ -28,7 +28,6 @@ from keras_qlora.layers.source_checks import check_source_layer
 from keras_qlora.layers.source_checks import check_source_values
 from keras_qlora.ops.quantize import quantize_nf4_fused
 from keras_qlora.quantizers import NF4State
-from keras_qlora.quantizers import quantize_4bit
 from keras_qlora.quantizers import quantize_int8
 from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
 from keras_qlora.quantizers.state import num_blocks
@@ -341,13 +340,13 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
             scale_search = self.settings.scale_search
         if self.quant_type == "int8":
             return quantize_int8(matrix)
-        if self.quant_type == "fp4":
-            return quantize_4bit(
-                matrix, "fp4", self.block_size, self.double_quant, scale_search
-            )
         # The C++ quantizer when built (bit-identical, ~50x faster).
         return quantize_nf4_fused(
-            matrix, self.block_size, self.double_quant, scale_search
+            matrix,
+            self.block_size,
+            self.double_quant,
+            scale_search,
+            quant_type=self.quant_type,
         )
 
     def copy_bias_from(self, layer):

@@ -45,7 +45,8 @@ class LoaderState:
 
 _lock = threading.Lock()
 _state = LoaderState()
-# The values the CPU kernels accept (custom_ops/kernels/*.cc, ChooseIsa).
+# The values the CPU kernels accept (ReadCpuIsaCap in
+# custom_ops/kernels/nf4_common.h).
 CPU_ISAS = ("auto", "scalar", "avx2", "avx512", "avx512_bf16")
 
 

@@ -263,3 +263,17 @@ def test_real_minilm_equals_apply(minilm_preset):
     assert ["Replaced", "layers:", "37", "NF4"] in [
         line[:4] for line in _summary(ours)
     ]
+
+
+@pytest.mark.parametrize("quant_type", ["fp4", "int8"])
+def test_base_formats_equal_apply(tmp_path, quant_type):
+    preset = make_preset(tmp_path, "llama", "hf", "bfloat16", False)
+    cls = ph.backbone_class("llama")
+    kwargs = dict(APPLY, quant_type=quant_type)
+    with record_variables() as created:
+        ours = keras_qlora.from_preset(cls, preset, **kwargs)
+    assert float_kernels(created) == []
+    for layer in ours.qlora_layers().values():
+        assert layer.nf4_state().quant_type == quant_type
+    reference = keras_qlora.apply(cls.from_preset(preset), **kwargs)
+    assert_same_model(ours, reference, ph.backbone_inputs("llama"))

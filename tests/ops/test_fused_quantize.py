@@ -228,12 +228,15 @@ def test_encode_at_decision_boundaries(lib, isa):
             np.testing.assert_array_equal(got.numpy(), want)
 
 
-def test_block_scales_and_encode_ops(lib, isa):
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_block_scales_and_encode_ops(lib, isa, quant_type):
     weight_t = random_kernel((7, 45), seed=8)  # 315 elements, odd tail
+    # The code of 0.0 that pads the odd tail: nf4's index 7, fp4's code 0.
+    zero = {"nf4": codes.NF4_ZERO_INDEX, "fp4": 0}[quant_type]
     for name in ISAS:
         isa(name)
         absmax = lib.keras_q_lo_ra_nf4_block_scales(
-            weight_t, block_size=32, scale_search=False
+            weight_t, block_size=32, scale_search=False, quant_type=quant_type
         ).numpy()
         padded = np.zeros(320, np.float32)
         padded[:315] = weight_t.reshape(-1)
@@ -241,10 +244,10 @@ def test_block_scales_and_encode_ops(lib, isa):
             absmax, np.abs(padded).reshape(10, 32).max(axis=1)
         )
         packed = lib.keras_q_lo_ra_nf4_encode(
-            weight_t, absmax, block_size=32
+            weight_t, absmax, block_size=32, quant_type=quant_type
         ).numpy()
         assert packed.shape == (158,)
-        assert packed[-1] & 0x0F == codes.NF4_ZERO_INDEX  # padding nibble
+        assert packed[-1] & 0x0F == zero  # padding nibble
 
 
 def test_tf_variable_input(lib):
@@ -298,6 +301,16 @@ def test_op_rejects_bad_inputs(lib, isa):
         InvalidArgumentError, match=r"one float32 per block: 1 blocks"
     ):
         lib.keras_q_lo_ra_nf4_encode(w, np.ones(2, np.float32), block_size=64)
+    for op_args in ((w,), (w, np.ones(1, np.float32))):
+        op = (
+            lib.keras_q_lo_ra_nf4_block_scales
+            if len(op_args) == 1
+            else lib.keras_q_lo_ra_nf4_encode
+        )
+        with pytest.raises(
+            (InvalidArgumentError, ValueError, TypeError), match="quant_type"
+        ):
+            op(*op_args, block_size=64, quant_type="int8")  # numpy's job
     isa("sse9")
     with pytest.raises(
         InvalidArgumentError, match="KERAS_QLORA_CPU_ISA must be one of"

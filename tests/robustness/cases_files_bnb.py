@@ -85,7 +85,7 @@ def _real_bnb(quant_type="nf4", double_quant=True, blocksize=64):
     import torch
 
     from keras_qlora.interop import from_bitsandbytes
-    from keras_qlora.quantizers import quantize_nf4
+    from keras_qlora.quantizers import quantize
 
     weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
     packed, state = bnbf.quantize_4bit(
@@ -98,7 +98,10 @@ def _real_bnb(quant_type="nf4", double_quant=True, blocksize=64):
     sd.update({f"w.{k}": v for k, v in state.as_dict(packed=True).items()})
     ours = from_bitsandbytes(sd, prefix="w")
     kernel = weight.numpy().T
-    want = quantize_nf4(kernel, blocksize, double_quant, scale_search=False)
+    want = quantize(
+        kernel, quant_type, blocksize, double_quant, scale_search=False
+    )
+    assert ours.quant_type == quant_type
     np.testing.assert_array_equal(ours.packed, want.packed)
     np.testing.assert_allclose(
         ours.block_absmax(), want.block_absmax(), rtol=1e-2
@@ -181,13 +184,17 @@ BNB_CASES = [
     ),
     Case(
         "from_bitsandbytes",
-        "fp4 weight",
+        "fp4 key over nf4 metadata",
         lambda tmp: _from_bnb(
             lambda sd: sd.update(
                 {BNB_META.replace("nf4", "fp4"): sd.pop(BNB_META)}
             )
         ),
-        Refused(ValueError, r"only 'nf4' is supported", names=("fp4",)),
+        Refused(
+            ValueError,
+            r"'quant_type'.*must be one of \('fp4',\)",
+            names=("quant_type='nf4'",),
+        ),
     ),
     Case(
         "from_bitsandbytes",
@@ -316,7 +323,7 @@ BNB_CASES = [
         "from_bitsandbytes",
         "bitsandbytes' fp4 state",
         lambda tmp: _real_bnb(quant_type="fp4"),
-        Refused(ValueError, r"only 'nf4' is supported", names=("fp4",)),
+        Correct(),
         isolate=True,
         needs=BNB,
     ),
