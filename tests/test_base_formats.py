@@ -267,3 +267,13 @@ def test_apply_refuses_unknown_formats(value, error):
         keras_qlora.apply(model, quant_type=value, verbose=False)
     # Refused before anything changed.
     assert isinstance(model.get_layer("query"), keras.layers.Dense)
+
+
+def test_a_layer_refuses_a_state_of_another_format():
+    q = _applied("nf4")
+    layer = q.qlora_layers()["query"]
+    kernel = np.ones(layer.kernel_2d_shape, "float32")
+    for quant_type in FORMATS:
+        state = keras_qlora.quantizers.quantize(kernel, quant_type)
+        with pytest.raises(ValueError, match=f"'{quant_type}'"):
+            layer.set_nf4_state(state)

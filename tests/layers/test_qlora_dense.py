@@ -302,11 +302,11 @@ def test_set_nf4_state_checks_the_state():
     with pytest.raises(
         ValueError,
         match=r"Layer 'proj' holds .*\(\(24, 10\), 64, True, 'nf4'\).*"
-        r"\(\(24, 11\), 64, True\)",
+        r"\(\(24, 11\), 64, True, 'nf4'\)",
     ):
         layer.set_nf4_state(wrong_shape)
     no_dq = quantize_nf4(random((K, N), 1), double_quant=False)
-    with pytest.raises(ValueError, match=r"\(\(24, 10\), 64, False\)"):
+    with pytest.raises(ValueError, match=r"\(\(24, 10\), 64, False, 'nf4'\)"):
         layer.set_nf4_state(no_dq)
     with pytest.raises(TypeError, match="set_nf4_state expects an NF4State"):
         layer.set_nf4_state(no_dq.to_dict())

@@ -24,6 +24,7 @@ import format_helpers as fh
 import numpy as np
 import pytest
 import tensorflow as tf
+from op_library import load_library
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 InvalidArgumentError = tf.errors.InvalidArgumentError
@@ -87,17 +88,6 @@ def case_id(case):
 @pytest.fixture(scope="module")
 def lib():
     return load_library()
-
-
-def load_library():
-    from keras_qlora.ops import loader
-
-    module = loader.load()
-    if module is None:
-        if os.environ.get("KERAS_QLORA_PURE_TF") == "1":
-            pytest.skip("KERAS_QLORA_PURE_TF=1: the fused op is not loaded")
-        pytest.fail(f"the fused op library did not load: {loader.status()}")
-    return module
 
 
 # ------------------------------------------------------------ states

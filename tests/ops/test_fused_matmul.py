@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from op_library import load_library
 
 from keras_qlora import ops as qops
 from keras_qlora.ops import NF4Tensors
@@ -105,17 +106,6 @@ CASES = [
 @pytest.fixture(scope="module")
 def lib():
     return load_library()
-
-
-def load_library():
-    from keras_qlora.ops import loader
-
-    module = loader.load()
-    if module is None:
-        if os.environ.get("KERAS_QLORA_PURE_TF") == "1":
-            pytest.skip("KERAS_QLORA_PURE_TF=1: the fused op is not loaded")
-        pytest.fail(f"the fused op library did not load: {loader.status()}")
-    return module
 
 
 def make_state(k, n, block_size, double_quant, seed=0):

@@ -90,6 +90,7 @@ def test_self_test_covers_every_kernel_family_and_names_a_failure(monkeypatch):
     assert lib is not None
     assert {c[3] for c in fused._SELF_TEST_CASES} == {"float32", "bfloat16"}
     assert {c[4] for c in fused._SELF_TEST_CASES} == {False, True}
+    assert {c[5] for c in fused._SELF_TEST_CASES} == {"nf4", "fp4", "int8"}
     calls, reasons = [], []
     monkeypatch.setattr(loader, "mark_failed", reasons.append)
 
@@ -108,7 +109,7 @@ def test_self_test_covers_every_kernel_family_and_names_a_failure(monkeypatch):
 
     assert fused._self_test(WrongForBfloat16()) is False
     assert len(reasons) == 1
-    assert "bfloat16 x [24, 64] @ W (W [64, 40])" in reasons[0]
+    assert "bfloat16 x [24, 64] @ W (W [64, 40], nf4)" in reasons[0]
     assert "results differ from the reference" in reasons[0]
 
 
