@@ -14,19 +14,17 @@ be built the tests fail, unless KERAS_QLORA_PURE_TF=1 (then they skip).
 """
 
 import json
-import os
-import pathlib
-import subprocess
 import sys
 import time
 
 import format_helpers as fh
 import numpy as np
+import op_library
 import pytest
 import tensorflow as tf
+from op_library import cpu_isas
 from op_library import load_library
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 InvalidArgumentError = tf.errors.InvalidArgumentError
 QUANTIZE_ISAS = ("scalar", "avx2", "avx512")
 
@@ -320,32 +318,8 @@ def test_unknown_quant_type_is_refused(lib):
 # ------------------------------------------------------------ every ISA
 
 
-def cpu_isas():
-    flags = pathlib.Path("/proc/cpuinfo").read_text().split()
-    isas = {"scalar"}
-    if "avx2" in flags and "fma" in flags:
-        isas.add("avx2")
-        if "avx512f" in flags:
-            isas.add("avx512")
-            if {"avx512bw", "avx512vl", "avx512_bf16"} <= set(flags):
-                isas.add("avx512_bf16")
-    return isas
-
-
 def run_worker(env):
-    full_env = dict(os.environ, **env)
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO), full_env.get("PYTHONPATH", "")]
-    )
-    full_env["TF_CPP_VMODULE"] = "nf4_matmul_kernels=1"
-    full_env["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    return subprocess.run(
-        [sys.executable, __file__, "cases"],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=600,
-    )
+    return op_library.run_worker(__file__, "cases", env, timeout=600)
 
 
 @pytest.mark.parametrize(

@@ -12,14 +12,14 @@ be built the tests fail, unless KERAS_QLORA_PURE_TF=1 (then they skip).
 
 import contextlib
 import json
-import os
-import pathlib
-import subprocess
 import sys
 
 import numpy as np
+import op_library
 import pytest
 import tensorflow as tf
+from op_library import cpu_isas
+from op_library import expected_auto_isa
 from op_library import load_library
 
 from keras_qlora import ops as qops
@@ -28,7 +28,6 @@ from keras_qlora.ops.reference import nf4_matmul_reference
 from keras_qlora.quantizers import dequantize_nf4
 from keras_qlora.quantizers import quantize_nf4
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 InvalidArgumentError = tf.errors.InvalidArgumentError
 
 # (batch shape of x, K, N, block_size, double_quant, transpose, dtype).
@@ -365,41 +364,8 @@ def test_float_absmax_ignores_scale_and_offset(lib):
 # ------------------------------------------------------------ subprocesses
 
 
-def cpu_isas():
-    flags = pathlib.Path("/proc/cpuinfo").read_text().split()
-    isas = {"scalar"}
-    if "avx2" in flags and "fma" in flags:
-        isas.add("avx2")
-        if "avx512f" in flags:
-            isas.add("avx512")
-            if {"avx512bw", "avx512vl", "avx512_bf16"} <= set(flags):
-                isas.add("avx512_bf16")
-    return isas
-
-
-def expected_auto_isa():
-    isas = cpu_isas()
-    for isa in ("avx512_bf16", "avx512", "avx2"):
-        if isa in isas:
-            return isa
-    return "scalar"
-
-
 def run_worker(mode, env):
-    full_env = dict(os.environ, **env)
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO), full_env.get("PYTHONPATH", "")]
-    )
-    # Logs the kernels' instruction set once (a VLOG(1) of this file).
-    full_env["TF_CPP_VMODULE"] = "nf4_matmul_kernels=1"
-    full_env["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    return subprocess.run(
-        [sys.executable, __file__, mode],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=300,
-    )
+    return op_library.run_worker(__file__, mode, env, timeout=300)
 
 
 def worker_cases():
