@@ -24,9 +24,7 @@ from keras_qlora.quantizers import check_flag
 from keras_qlora.quantizers import dequantize_absmax
 from keras_qlora.quantizers import double_quantize_absmax
 from keras_qlora.quantizers import quantize_4bit
-
-# The 4-bit formats the quantize ops take (their `quant_type` attribute).
-FUSED_QUANT_TYPES = ("nf4", "fp4")
+from keras_qlora.quantizers.nf4 import four_bit_format
 
 
 def quantize_nf4_fused(
@@ -59,7 +57,8 @@ def quantize_nf4_fused(
     Raises:
         ValueError: bad block size or quant_type, not 2-D, empty, or
             non-finite values.
-        TypeError: a non-floating kernel, or a flag that is not a bool.
+        TypeError: a non-floating kernel, a flag that is not a bool, or a
+            quant_type that is not a string.
 
     Example:
     >>> import numpy as np
@@ -70,11 +69,7 @@ def quantize_nf4_fused(
     block_size = check_block_size(block_size)
     double_quant = check_flag(double_quant, "double_quant")
     scale_search = check_flag(scale_search, "scale_search")
-    if quant_type not in FUSED_QUANT_TYPES:
-        raise ValueError(
-            f"quant_type must be one of {FUSED_QUANT_TYPES}. Received: "
-            f"quant_type={quant_type!r}"
-        )
+    four_bit_format(quant_type)  # the quantizers' check and message
     kernel = as_float_matrix(kernel_2d)
     lib = loader.load()
     if lib is None:

@@ -519,7 +519,11 @@ def test_quantize_fused_fp4_state(lib, isa, double_quant, scale_search):
 def test_quantize_fused_refuses_int8():
     from keras_qlora.ops.quantize import quantize_nf4_fused
 
-    with pytest.raises(ValueError, match="quant_type must be one of"):
+    with pytest.raises(
+        ValueError,
+        match=r"quant_type must be a 4-bit format, one of \('nf4', 'fp4'\)"
+        r".*Received: quant_type='int8'",
+    ):
         quantize_nf4_fused(np.ones((4, 4), np.float32), quant_type="int8")
 
 
