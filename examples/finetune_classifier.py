@@ -339,13 +339,12 @@ def memory_lines(model):
     import keras_qlora
 
     info = keras_qlora.report.collect(model)
-    formats = sorted({item["quant_type"].upper() for item in info["layers"]})
     mib = 2**20
     return [
         f"base weights        {info['bytes_before'] / mib:.2f} MiB float32 "
         f"-> {info['bytes_after'] / mib:.2f} MiB "
         f"({info['nf4_bits_per_weight']:.3f} bits/weight in "
-        f"{' + '.join(formats)} layers)",
+        f"{info['formats']} layers)",
         f"LoRA weights        {info['lora_bytes'] / mib:.2f} MiB; trainable "
         f"{info['trainable_params']:,} of {info['total_params']:,} params",
     ]

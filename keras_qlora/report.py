@@ -16,7 +16,9 @@ def collect(model) -> dict:
         `trainable_params`, `total_params` (an NF4 weight counts once, as
         the float parameter it stands for), `bytes_before` (all variables
         of the float model, measured by `apply()`), `bytes_after` (all
-        non-LoRA variables now), `lora_bytes` and `nf4_bits_per_weight`.
+        non-LoRA variables now), `lora_bytes`, `nf4_bits_per_weight` (all
+        quantized layers) and `formats` (their base formats: "NF4", or
+        e.g. "NF4 + INT8").
     """
     require_qlora_model(model, "summary")
     # A model retired by merge() refuses here, as in its other methods.
@@ -60,6 +62,7 @@ def collect(model) -> dict:
             model, lambda v: id(v) in lora_ids
         ),
         "nf4_bits_per_weight": 8.0 * nf4_bytes / max(nf4_weights, 1),
+        "formats": _formats(layers),
         "modules_to_save": list(report.get("modules_to_save", [])),
         "unmatched_targets": list(report.get("unmatched_targets", [])),
         "unmatched_modules_to_save": list(
@@ -107,7 +110,7 @@ def summary(model, print_fn=print) -> str:
         )
     lora = sum(1 for i in info["layers"] if i["rank"])
     total, trainable = info["total_params"], info["trainable_params"]
-    formats = _formats(info["layers"])
+    formats = info["formats"]
     rows += [
         f"Replaced layers: {len(info['layers'])} {formats} ({lora} with LoRA)",
         f"Trainable params: {trainable:,} of {total:,} "

@@ -95,6 +95,7 @@ def test_layers_compute_with_their_format(quant_type):
 def test_summary_names_the_format_and_its_bits(quant_type):
     q = _applied(quant_type)
     info = keras_qlora.report.collect(q)
+    assert info["formats"] == quant_type.upper()
     low, high = BITS[quant_type]
     for item in info["layers"]:
         assert item["quant_type"] == quant_type
