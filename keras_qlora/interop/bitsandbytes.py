@@ -42,6 +42,7 @@ from keras_qlora.quantizers.state import ALLOWED_BLOCK_SIZES
 from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
 from keras_qlora.quantizers.state import NF4State
 from keras_qlora.quantizers.state import num_blocks
+from keras_qlora.quantizers.state import packed_bytes
 
 _QUANT_STATE = "quant_state.bitsandbytes__"
 # Dtypes a bitsandbytes weight may dequantize to; the stored state is the
@@ -157,10 +158,11 @@ def from_bitsandbytes(state_dict: Mapping, prefix: str = "weight") -> NF4State:
     nested = _is_nested(state_dict, prefix, meta, meta_key)
 
     packed = entry(state_dict, prefix, None, np.uint8)
-    if packed.size != (k * n + 1) // 2 or packed.ndim not in (1, 2):
+    size = packed_bytes(k * n)
+    if packed.size != size or packed.ndim not in (1, 2):
         raise ValueError(
             f"from_bitsandbytes: '{prefix}' must hold ceil(N * K / 2) = "
-            f"{(k * n + 1) // 2} bytes, shape [bytes, 1] or [bytes], for "
+            f"{size} bytes, shape [bytes, 1] or [bytes], for "
             f"shape [N, K] = {[n, k]}. Received: shape={packed.shape}"
         )
     quant_type = meta["quant_type"]

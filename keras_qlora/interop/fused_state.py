@@ -19,6 +19,7 @@ import numpy as np
 
 from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
 from keras_qlora.quantizers.state import NF4State
+from keras_qlora.quantizers.state import packed_bytes
 
 
 def split(state: NF4State, pieces: int, what: str) -> list:
@@ -52,7 +53,6 @@ def split(state: NF4State, pieces: int, what: str) -> list:
             "load it (the block scales are then expanded to float32, "
             "exactly)."
         )
-    per_byte = 1 if state.quant_type == "int8" else 2  # elements per byte
     out = []
     for p in range(pieces):
         scale = None
@@ -61,8 +61,11 @@ def split(state: NF4State, pieces: int, what: str) -> list:
             scale = state.absmax_scale[p * groups : (p + 1) * groups].copy()
         out.append(
             NF4State(
+                # Cuts fall on (even) block boundaries: whole bytes.
                 packed=state.packed[
-                    p * size // per_byte : (p + 1) * size // per_byte
+                    packed_bytes(p * size, state.quant_type) : packed_bytes(
+                        (p + 1) * size, state.quant_type
+                    )
                 ].copy(),
                 absmax=state.absmax[p * blocks : (p + 1) * blocks].copy(),
                 shape=(k, n_piece),

@@ -31,6 +31,7 @@ from keras_qlora.quantizers import NF4State
 from keras_qlora.quantizers import quantize_int8
 from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
 from keras_qlora.quantizers.state import num_blocks
+from keras_qlora.quantizers.state import packed_bytes
 from keras_qlora.settings import LAYER_KEYS
 from keras_qlora.settings import QLoRASettings
 
@@ -147,8 +148,7 @@ class QLoRALayerBase(AdapterSlotsMixin, keras.layers.Layer):
         check_rank_fits(self.name, self.rank, k, n)
         self.kernel_2d_shape = (int(k), int(n))
         blocks = num_blocks(k * n, self.state_block_size)
-        # Two 4-bit codes per byte, or one int8 code (as its uint8 bits).
-        size = k * n if self.quant_type == "int8" else (k * n + 1) // 2
+        size = packed_bytes(k * n, self.quant_type)
         # uint8 state cannot be broadcast by multi-worker strategies; see
         # frozen_state.py.
         with frozen_variable_scope():

@@ -16,6 +16,7 @@ from keras_qlora.quantizers.state import NESTED_BLOCK_SIZE
 from keras_qlora.quantizers.state import check_block_size
 from keras_qlora.quantizers.state import check_quant_type
 from keras_qlora.quantizers.state import num_blocks
+from keras_qlora.quantizers.state import packed_bytes
 
 
 def check_inputs(x, weight, transpose):
@@ -42,11 +43,8 @@ def check_inputs(x, weight, transpose):
             "row of W^T); it has no double quantization. Received: uint8 "
             "absmax"
         )
-    size, rule = (
-        (count, "k * n")
-        if quant_type == "int8"
-        else ((count + 1) // 2, "ceil(k * n / 2)")
-    )
+    size = packed_bytes(count, quant_type)
+    rule = "k * n" if quant_type == "int8" else "ceil(k * n / 2)"
     _sized(
         "packed",
         packed,

@@ -66,6 +66,14 @@ def check_flag(value: Any, name: str) -> bool:
     return bool(value)
 
 
+def packed_bytes(num_elements: int, quant_type: str = "nf4") -> int:
+    """Bytes of `packed` for `num_elements` weights: two 4-bit codes per
+    byte (the last one padded), or one int8 code per byte."""
+    if quant_type == "int8":
+        return num_elements
+    return (num_elements + 1) // 2
+
+
 def num_blocks(num_elements: int, block_size: int) -> int:
     """Number of quantization blocks (the last one may be partial)."""
     return -(-num_elements // block_size)
@@ -117,7 +125,7 @@ class NF4State:
         block_size = check_block_size(self.block_size)
         n = shape[0] * shape[1]
         blocks = num_blocks(n, block_size)
-        _check_array("packed", self.packed, np.uint8, ((n + 1) // 2,))
+        _check_array("packed", self.packed, np.uint8, (packed_bytes(n),))
         if (self.absmax_scale is None) != (self.absmax_offset is None):
             raise ValueError(
                 "NF4State needs both absmax_scale and absmax_offset for "
@@ -165,7 +173,9 @@ class NF4State:
                 f"absmax_scale={_describe(self.absmax_scale)}, "
                 f"absmax_offset={self.absmax_offset!r}"
             )
-        _check_array("packed", self.packed, np.uint8, (k * n,))
+        _check_array(
+            "packed", self.packed, np.uint8, (packed_bytes(k * n, "int8"),)
+        )
         _check_array("absmax", self.absmax, np.float32, (n,))
         _check_finite("absmax", self.absmax)
 
