@@ -43,7 +43,7 @@ def quantize(
     >>> import numpy as np
     >>> w = np.random.randn(64, 8).astype("float32")
     >>> [quantize(w, t).bits_per_weight for t in ("fp4", "int8")]
-    [4.125, 8.5]
+    [4.25, 8.5]
     """
     quant_type = check_quant_type(quant_type)
     if quant_type != "int8":
@@ -58,7 +58,14 @@ def quantize(
 
 def dequantize(state: NF4State) -> np.ndarray:
     """Returns the float32 kernel `[K, N]` that `state` represents, in any
-    base format."""
+    base format.
+
+    Example:
+    >>> import numpy as np
+    >>> w = np.array([[1.0, -0.5], [0.25, 2.0]], "float32")
+    >>> dequantize(quantize(w, "fp4", block_size=32)).tolist()
+    [[1.0, -0.5], [0.3333333432674408, 2.0]]
+    """
     if isinstance(state, NF4State) and state.quant_type == "int8":
         return dequantize_int8(state)
     return dequantize_nf4(state)

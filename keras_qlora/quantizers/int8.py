@@ -77,6 +77,12 @@ def dequantize_int8(state: NF4State) -> np.ndarray:
 
     Every element is `(code * scale) * INT8_INV_MAX`, two float32
     multiplies, exactly as bitsandbytes' `int8_vectorwise_dequant`.
+
+    Example:
+    >>> import numpy as np
+    >>> w = np.array([[2.0], [-1.0]], "float32")
+    >>> dequantize_int8(quantize_int8(w)).ravel().tolist()
+    [2.0, -1.0078740119934082]
     """
     if not isinstance(state, NF4State) or state.quant_type != "int8":
         raise TypeError(

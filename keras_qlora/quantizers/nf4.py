@@ -126,6 +126,12 @@ def quantize_4bit(
     Raises:
         ValueError / TypeError: as `quantize_nf4`; a `quant_type` other
             than "nf4" or "fp4".
+
+    Example:
+    >>> import numpy as np
+    >>> state = quantize_4bit(np.ones((64, 8), "float32"), "fp4")
+    >>> state.quant_type, int(state.packed[0])  # two codes 3 (1.0)
+    ('fp4', 51)
     """
     fmt = four_bit_format(quant_type)
     block_size = check_block_size(block_size)

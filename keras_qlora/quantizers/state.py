@@ -43,6 +43,10 @@ def check_quant_type(quant_type: Any, name: str = "quant_type") -> str:
     Raises:
         TypeError: not a string.
         ValueError: not one of `QUANT_TYPES`.
+
+    Example:
+    >>> check_quant_type("int8")
+    'int8'
     """
     allowed = f"{name} must be one of {QUANT_TYPES}. "
     if not isinstance(quant_type, str):
